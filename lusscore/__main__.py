@@ -1,0 +1,5 @@
+import sys
+
+from lusscore.cli import main
+
+sys.exit(main())

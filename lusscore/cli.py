@@ -1,0 +1,49 @@
+"""`luss`: the command line of lusscore. One sub-command per stage."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lusscore.utils import LusscoreError
+
+# name -> (module with add_arguments(parser) and main(args) -> int | None, one-line help).
+# A module is imported only when its command runs, so `luss --help` stays instant.
+COMMANDS = {
+    "info": ("lusscore.stages.info", "print how lusscore was built and whether a GPU is usable"),
+    "synth": ("lusscore.stages.synth", "write a synthetic dataset in the ImageNet-S layout"),
+    "demo": ("lusscore.stages.demo", "run every stage on the embedded synthetic dataset"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    rows = "\n".join(f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items())
+    return ("usage: luss COMMAND [options]   (luss COMMAND --help for its options)\n\n"
+            "lusscore: large-scale unsupervised semantic segmentation (PASS)\n\n"
+            f"commands:\n{rows}\n")
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"luss: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    parser = argparse.ArgumentParser(prog=f"luss {name}", description=module.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return module.main(args) or 0
+    except (LusscoreError, FileNotFoundError) as e:
+        print(f"luss {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

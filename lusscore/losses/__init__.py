@@ -1,0 +1,1 @@
+"""Losses of PASS: SwAV, P2P and D2S."""

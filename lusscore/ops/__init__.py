@@ -1,0 +1,6 @@
+"""The custom ops (torch.ops.lusscore.*) with their fake kernels and autograd."""
+from lusscore._build import load_extension
+
+load_extension()
+
+from lusscore.ops.label_codec import rgb_to_label  # noqa: E402,F401

@@ -1,0 +1,1 @@
+"""The stages of a LUSS run, one module per stage."""
