@@ -1,0 +1,74 @@
+"""Run configurations: YAML files with nested keys, overridable as `--set a.b=value`.
+
+The resolved config is saved beside each checkpoint so a run can be repeated exactly.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from importlib import resources
+from pathlib import Path
+
+import yaml
+
+from lusscore.utils import LusscoreError, atomic_write_text
+
+
+def packaged_configs() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("lusscore.configs").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_config(name_or_path: str | os.PathLike) -> dict:
+    """A YAML file, or the name of a packaged config (e.g. 'demo', 'imagenet_s50')."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        text = path.read_text()
+    else:
+        res = resources.files("lusscore.configs").joinpath(f"{name_or_path}.yaml")
+        if not res.is_file():
+            raise LusscoreError(f"no config file or packaged config named {str(name_or_path)!r}; "
+                                f"packaged: {', '.join(packaged_configs())}")
+        text, path = res.read_text(), Path(str(res))
+    try:
+        cfg = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise LusscoreError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(cfg, dict):
+        raise LusscoreError(f"{path}: a config must be a mapping at the top level")
+    return cfg
+
+
+def parse_value(text: str):
+    """`--set` values are YAML scalars or lists: 3, 0.5, true, null, [1, 2], 'text'."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
+    """Return a copy of cfg with each 'a.b.c=value' applied; unknown keys are an error."""
+    cfg = copy.deepcopy(cfg)
+    for item in overrides or []:
+        if "=" not in item:
+            raise LusscoreError(f"--set expects key=value, got {item!r}")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = cfg
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise LusscoreError(f"--set {key}: {'.'.join(parts[:i + 1])} is not a section "
+                                    "of the config")
+            node = node[part]
+        if parts[-1] not in node:
+            known = ", ".join(sorted(node))
+            raise LusscoreError(f"--set {key}: unknown key {parts[-1]!r} (known here: {known})")
+        node[parts[-1]] = parse_value(value)
+    return cfg
+
+
+def save_config(path: str | os.PathLike, cfg: dict) -> None:
+    atomic_write_text(path, yaml.safe_dump(cfg, sort_keys=False))

@@ -1,0 +1,44 @@
+import pytest
+import yaml
+
+from lusscore.config import apply_overrides, load_config, packaged_configs, save_config
+from lusscore.utils import LusscoreError
+
+
+def test_packaged_configs_have_reference_hyperparameters():
+    assert {"imagenet_s50", "imagenet_s300", "imagenet_s919"} <= set(packaged_configs())
+    s50, s919 = load_config("imagenet_s50"), load_config("imagenet_s919")
+    assert s50["model"]["arch"] == "resnet18" and s919["model"]["arch"] == "resnet50"
+    assert s50["pretrain"]["crops"]["counts"] == [2, 6]
+    assert s50["pretrain"]["queue_length"] == 2048 and s919["pretrain"]["queue_length"] == 3840
+    assert (s50["label"]["tau"], s919["label"]["tau"]) == (0.41, 0.37)
+    assert s919["cluster"] == {"k": 919, "niter": 20, "nredo": 30}
+
+
+def test_overrides_and_round_trip(tmp_path):
+    cfg = load_config("imagenet_s50")
+    new = apply_overrides(cfg, ["pretrain.epochs=3", "data.root=/data/s50", "label.tau=0.35",
+                                "pretrain.crops.counts=[2, 2]", "model.arch=resnet50"])
+    assert cfg["pretrain"]["epochs"] == 200, "the input config must not change"
+    assert new["pretrain"]["epochs"] == 3 and new["data"]["root"] == "/data/s50"
+    assert new["label"]["tau"] == 0.35 and new["pretrain"]["crops"]["counts"] == [2, 2]
+    save_config(tmp_path / "cfg.yaml", new)
+    assert load_config(tmp_path / "cfg.yaml") == new
+    assert yaml.safe_load((tmp_path / "cfg.yaml").read_text()) == new
+
+
+def test_override_errors(tmp_path):
+    cfg = load_config("imagenet_s50")
+    with pytest.raises(LusscoreError, match="unknown key 'epoch'"):
+        apply_overrides(cfg, ["pretrain.epoch=3"])
+    with pytest.raises(LusscoreError, match="key=value"):
+        apply_overrides(cfg, ["pretrain.epochs"])
+    with pytest.raises(LusscoreError, match="not a section"):
+        apply_overrides(cfg, ["seed.x=1"])
+    with pytest.raises(LusscoreError, match="no config file or packaged config"):
+        load_config("nope")
+    with pytest.raises(FileNotFoundError):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "bad.yaml").write_text("a: [1,\n")
+    with pytest.raises(LusscoreError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
