@@ -1,0 +1,177 @@
+"""What every training stage shares: one process or torchrun DDP, seeding, data loaders,
+AMP, per-epoch atomic checkpoints with exact resume, a JSON-lines log and progress bars.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from lusscore.checkpoint import load_checkpoint, save_checkpoint
+from lusscore.config import save_config
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def amp_dtype(self) -> torch.dtype | None:
+        """bf16 autocast on the GPU; full precision on the CPU."""
+        return torch.bfloat16 if self.device.type == "cuda" else None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def setup_runtime(device: str | None = None) -> Runtime:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); start the process group.
+
+    NCCL on the GPU, gloo on the CPU; a single process needs no environment at all.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Runtime(device=dev, rank=rank, world_size=world, local_rank=local_rank)
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    s = seed + rank
+    random.seed(s)
+    np.random.seed(s % 2**32)
+    torch.manual_seed(s)
+
+
+class EpochSampler(Sampler):
+    """A single-process shuffling sampler whose order depends only on (seed, epoch).
+
+    Resuming at epoch e therefore sees the same order as an uninterrupted run.
+    """
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle, self.epoch = n, seed, shuffle, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.n))
+        g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+        return iter(torch.randperm(self.n, generator=g).tolist())
+
+    def __len__(self) -> int:
+        return self.n
+
+
+def make_loader(dataset: Dataset, batch_size: int, rt: Runtime, seed: int, shuffle: bool = True,
+                drop_last: bool = True, workers: int = 0, collate_fn=None) -> DataLoader:
+    """batch_size is per process. DistributedSampler under DDP, EpochSampler otherwise."""
+    if rt.distributed:
+        sampler = DistributedSampler(dataset, num_replicas=rt.world_size, rank=rt.rank,
+                                     shuffle=shuffle, seed=seed, drop_last=drop_last)
+    else:
+        sampler = EpochSampler(len(dataset), seed, shuffle)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
+                      num_workers=workers, collate_fn=collate_fn, pin_memory=rt.device.type == "cuda",
+                      persistent_workers=workers > 0)
+
+
+def prepare_model(model: nn.Module, rt: Runtime, sync_bn: bool = True) -> nn.Module:
+    """Move to the device; under DDP convert BN to SyncBN and wrap."""
+    model = model.to(rt.device)
+    if rt.distributed:
+        if sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+class JsonlLog:
+    """Appends one JSON object per line (main process only): losses, lr, throughput."""
+
+    def __init__(self, path: str | os.PathLike, rt: Runtime):
+        self.path, self.enabled = Path(path), rt.is_main
+        if self.enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, **record) -> None:
+        if self.enabled:
+            record.setdefault("time", time.time())
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class StageCheckpoint:
+    """<run>/<stage>.pt (+ .yaml config): saved atomically after every epoch, resumed on start.
+
+    `state` holds whatever the stage needs (model, optimizer, queue, ...) plus epoch and RNG.
+    `done` marks a finished stage so `luss run` can skip it.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike, stage: str, rt: Runtime, config: dict):
+        self.path = Path(run_dir) / f"{stage}.pt"
+        self.rt, self.config = rt, config
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def load(self, map_location="cpu") -> dict | None:
+        if not self.exists():
+            return None
+        # Every rank restores its own RNG stream from the checkpoint of rank 0 plus its rank.
+        return load_checkpoint(self.path, map_location=map_location, restore_rng=True)
+
+    def is_done(self) -> bool:
+        return self.exists() and bool(load_checkpoint(self.path).get("done", False))
+
+    def save(self, state: dict, done: bool = False) -> None:
+        if self.rt.is_main:
+            save_checkpoint(self.path, {**state, "config": self.config, "done": done})
+            save_config(self.path.with_suffix(".yaml"), self.config)
+        self.rt.barrier()
+
+
+def autocast(rt: Runtime):
+    if rt.amp_dtype is None:
+        return torch.autocast(device_type=rt.device.type, enabled=False)
+    return torch.autocast(device_type=rt.device.type, dtype=rt.amp_dtype)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,87 @@
+"""Predict validation label maps with the fine-tuned model (<run>/finetune.pt).
+
+Each image is resized (shorter side 256), the logits are upsampled bilinearly to the image
+size (to at most 1000 px on the longer side, then nearest to the full size, as the
+reference code caps large images), and the argmax is written as an ImageNet-S PNG to
+<run>/predictions/<split>/<wnid>/<name>.png. Images whose prediction already exists (with
+the right size) are skipped, so a killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from lusscore.checkpoint import load_checkpoint
+from lusscore.data.label_io import image_size, write_label_png
+from lusscore.data.segmentation import InferenceImages
+from lusscore.engine import Runtime, autocast
+from lusscore.stages.common import add_run_arguments, dataset_of, start_run
+from lusscore.stages.finetune import SegmentationModel
+from lusscore.utils import LusscoreError
+
+MAX_SIDE = 1000
+
+
+@torch.no_grad()
+def predict_map(model, x: torch.Tensor, size: tuple[int, int], rt: Runtime) -> torch.Tensor:
+    """(1, 3, h, w) normalised image -> (H, W) int64 predicted ids on the CPU."""
+    with autocast(rt):
+        logits = model(x.to(rt.device))
+    h, w = size
+    scale = min(1.0, MAX_SIDE / max(h, w))
+    out = (max(1, round(h * scale)), max(1, round(w * scale)))
+    pred = F.interpolate(logits.float(), size=out, mode="bilinear", align_corners=False).argmax(1)
+    if out != (h, w):
+        pred = F.interpolate(pred[None].float(), size=(h, w), mode="nearest")[0].long()
+    return pred[0].cpu()
+
+
+def prediction_is_valid(path: Path, size: tuple[int, int]) -> bool:
+    try:
+        return image_size(path) == tuple(size)
+    except (OSError, LusscoreError):
+        return False
+
+
+def predict_split(model, samples, out_dir: Path, rt: Runtime, resize: int = 256) -> int:
+    """Write one prediction per sample (sharded over ranks); returns how many were written."""
+    model.eval()
+    todo = [s for s in samples[rt.rank::rt.world_size]]
+    dataset = InferenceImages([s.image for s in todo], resize=resize)
+    written = 0
+    for i in tqdm(range(len(dataset)), desc="infer", disable=not rt.is_main, unit="img"):
+        target = out_dir / todo[i].name
+        size = image_size(todo[i].image)
+        if prediction_is_valid(target, size):
+            continue
+        x, _, _ = dataset[i]
+        write_label_png(target, predict_map(model, x[None], size, rt))
+        written += 1
+    rt.barrier()
+    return written
+
+
+def load_segmentation_model(cfg: dict, run_dir: Path, rt: Runtime) -> SegmentationModel:
+    state = load_checkpoint(run_dir / "finetune.pt")
+    model = SegmentationModel(cfg["model"], cfg["data"]["num_classes"])
+    model.load_state_dict(state["model"])
+    return model.to(rt.device)
+
+
+def add_arguments(parser):
+    add_run_arguments(parser)
+    parser.add_argument("--split", default="validation", choices=["validation", "train-semi"])
+
+
+def main(args):
+    cfg, run_dir, rt = start_run(args)
+    ds = dataset_of(cfg)
+    model = load_segmentation_model(cfg, run_dir, rt)
+    out_dir = run_dir / "predictions" / args.split
+    n = predict_split(model, ds.segmentation_samples(args.split), out_dir, rt,
+                      resize=cfg.get("infer", {}).get("resize", 256))
+    if rt.is_main:
+        print(f"infer: wrote {n} predictions to {out_dir}")

@@ -1,0 +1,88 @@
+"""Fine-tuning and inference stages on a tiny synthetic set: learning, exact resume, outputs."""
+import shutil
+
+import pytest
+import torch
+
+from lusscore.config import apply_overrides, load_config
+from lusscore.data import ImageNetS, read_label_png
+from lusscore.data.synthetic import SynthConfig, generate_dataset
+from lusscore.engine import Runtime, StageCheckpoint
+from lusscore.stages import finetune as ft
+from lusscore.stages import infer
+
+TINY = ["model.width=8", "finetune.batch_size=8", "finetune.crop=32", "finetune.label_size=16",
+        "finetune.epochs=2", "finetune.init=none", "infer.resize=32"]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    generate_dataset(root, SynthConfig(classes=3, train_per_class=6, val_per_class=2, semi_per_class=1,
+                                       size=40, seed=1), progress=False)
+    return root
+
+
+def tiny_run(tmp_path, root):
+    cfg = apply_overrides(load_config("demo"), TINY + [f"data.root={root}", "data.num_classes=3"])
+    run = tmp_path / "run"
+    shutil.copytree(root / "train-segmentation", run / "labels" / "train")
+    return cfg, run
+
+
+def train(cfg, run):
+    ds = ImageNetS(cfg["data"]["root"])
+    images = {p.relative_to(ds.split_dir("train")).with_suffix("").as_posix(): p
+              for p, _ in ds.image_samples("train")}
+    pairs = ft.label_pairs(run / "labels" / "train", images)
+    torch.manual_seed(0)
+    model = ft.build_segmentation_model(cfg, run, "none")
+    return ft.train_segmentation(cfg, "finetune", pairs, run, Runtime(torch.device("cpu")), model)
+
+
+def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_data, monkeypatch):
+    cfg, run_a = tiny_run(tmp_path / "a", tiny_data)
+    full = train(cfg, run_a).state_dict()
+
+    cfg, run_b = tiny_run(tmp_path / "b", tiny_data)
+    original_save = StageCheckpoint.save
+
+    def save_then_crash(self, state, done=False):
+        original_save(self, state, done)
+        raise KeyboardInterrupt("simulated crash after an epoch")
+
+    monkeypatch.setattr(StageCheckpoint, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, run_b)
+    monkeypatch.setattr(StageCheckpoint, "save", original_save)
+    assert torch.load(run_b / "finetune.pt", weights_only=False)["epoch"] == 1
+    resumed = train(cfg, run_b).state_dict()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    state = torch.load(run_b / "finetune.pt", weights_only=False)
+    assert state["done"] and state["epoch"] == 2 and (run_b / "finetune.yaml").is_file()
+    losses = [line for line in (run_b / "finetune.jsonl").read_text().splitlines()]
+    assert len(losses) > 0
+
+
+def test_infer_writes_valid_predictions_and_resumes(tmp_path, tiny_data):
+    cfg, run = tiny_run(tmp_path, tiny_data)
+    model = train(cfg, run)
+    rt = Runtime(torch.device("cpu"))
+    samples = ImageNetS(tiny_data).segmentation_samples("validation")
+    out = run / "predictions" / "validation"
+    assert infer.predict_split(model, samples, out, rt, resize=32) == len(samples)
+    for s in samples:
+        pred, gt = read_label_png(out / s.name), read_label_png(s.label)
+        assert pred.shape == gt.shape and pred.min() >= 0 and pred.max() <= 3
+    (out / samples[0].name).write_bytes(b"torn")  # a damaged output is redone, the rest skipped
+    assert infer.predict_split(model, samples, out, rt, resize=32) == 1
+    assert read_label_png(out / samples[0].name).shape == read_label_png(samples[0].label).shape
+
+
+def test_finetune_errors(tmp_path, tiny_data):
+    cfg, run = tiny_run(tmp_path, tiny_data)
+    with pytest.raises(Exception, match="pretrain.pt not found"):
+        ft.build_segmentation_model(cfg, run, "pretrain")
+    with pytest.raises(Exception, match="no label PNGs"):
+        ft.label_pairs(tmp_path / "empty", {})
