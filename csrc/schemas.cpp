@@ -5,4 +5,11 @@
 TORCH_LIBRARY(lusscore, m) {
   // label_codec: ImageNet-S label PNG pixels (..., 3|4) uint8 -> ids R + 256*G (...) int64.
   m.def("rgb_to_label(Tensor rgb) -> Tensor");
+  // overlap_gather: both views' maps (B, C, H, W) sampled on an S x S lattice spanning the
+  // overlap of their crop boxes (B, 4) (left, top, width, height), x mirrored where flips.
+  m.def("overlap_gather(Tensor f1, Tensor f2, Tensor boxes1, Tensor boxes2, Tensor flips1, "
+        "Tensor flips2, int size, bool cell_centers) -> (Tensor g1, Tensor g2, Tensor valid)");
+  m.def("overlap_gather_backward(Tensor grad_g1, Tensor grad_g2, Tensor boxes1, Tensor boxes2, "
+        "Tensor flips1, Tensor flips2, SymInt height1, SymInt width1, SymInt height2, "
+        "SymInt width2, int size, bool cell_centers) -> (Tensor grad_f1, Tensor grad_f2)");
 }

@@ -15,3 +15,38 @@ def rgb_label_image(h: int, w: int, channels: int = 3, max_id: int = 1000, seed:
     if channels > 2:
         rgb[..., 2:] = torch.randint(0, 256, (h, w, channels - 2), generator=g).to(torch.uint8)
     return rgb.to(device)
+
+
+# --- overlap_gather -------------------------------------------------------------------------
+
+def overlap_boxes(batch: int, image_hw=(240, 320), seed: int = 0, disjoint_every: int = 4,
+                  dtype=torch.float32, device="cpu"):
+    """Random crop boxes of two views (left, top, width, height) inside an image, fractional
+    coordinates included; every disjoint_every-th pair is made disjoint. Returns boxes1,
+    boxes2 (B, 4) and flips1, flips2 (B) bool."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = image_hw
+    out = []
+    for _ in range(2):
+        size = torch.rand(batch, 2, generator=g, dtype=torch.float64) * 0.6 + 0.3
+        bw, bh = size[:, 0] * w, size[:, 1] * h
+        left = torch.rand(batch, generator=g, dtype=torch.float64) * (w - bw)
+        top = torch.rand(batch, generator=g, dtype=torch.float64) * (h - bh)
+        out.append(torch.stack([left, top, bw, bh], dim=1))
+    boxes1, boxes2 = out
+    if disjoint_every:
+        idx = torch.arange(0, batch, disjoint_every)
+        boxes1[idx] = torch.tensor([0.0, 0.0, w * 0.3, h * 0.3], dtype=torch.float64)
+        boxes2[idx] = torch.tensor([w * 0.5, h * 0.5, w * 0.4, h * 0.4], dtype=torch.float64)
+    flips1 = torch.rand(batch, generator=g) < 0.5
+    flips2 = torch.rand(batch, generator=g) < 0.5
+    return (boxes1.to(dtype).to(device), boxes2.to(dtype).to(device), flips1.to(device),
+            flips2.to(device))
+
+
+def overlap_maps(batch: int, channels: int, h: int, w: int, seed: int = 0,
+                 dtype=torch.float32, device="cpu", channels_last: bool = False) -> torch.Tensor:
+    """A random (B, C, H, W) feature map."""
+    g = torch.Generator().manual_seed(seed)
+    f = torch.randn(batch, channels, h, w, generator=g, dtype=torch.float64).to(dtype).to(device)
+    return f.contiguous(memory_format=torch.channels_last) if channels_last else f

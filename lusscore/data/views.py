@@ -1,0 +1,148 @@
+"""Geometry-aware multi-crop views (the SwAV recipe) for PASS.
+
+Each crop remembers where it came from: its box (left, top, width, height) in original-image
+pixels and whether it was mirrored, which is what overlap_gather needs to align the same
+physical pixels in two views.
+
+Recipe per crop (SwAV's multicropdataset): random resized crop (per-crop-size scale range,
+aspect ratio 3/4..4/3, bilinear), horizontal flip p 0.5, colour jitter (0.8, 0.8, 0.8, 0.2)
+x strength with p 0.8, grayscale p 0.2, Gaussian blur p 0.5 with sigma uniform in
+(0.1, 2.0) (SwAV blurs with PIL's radius = sigma; here a true Gaussian kernel of size
+2 * ceil(3 * sigma_max) + 1 = 13), then to float in [0, 1] and normalised.
+
+Normalisation: ImageNet mean/std by default; std_quirk=True uses the reference code's std
+(0.228, 0.224, 0.225) (its first channel is 0.228 instead of 0.229).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+REFERENCE_STD = (0.228, 0.224, 0.225)  # the reference code's pretrain std (quirk)
+
+
+@dataclass
+class MultiCropSample:
+    """The crops of one image: crops[k] (3, s_k, s_k) float, boxes (n, 4) float32
+    (left, top, width, height) in original pixels, flips (n) bool."""
+    crops: list
+    boxes: torch.Tensor
+    flips: torch.Tensor
+
+
+@dataclass
+class MultiCropBatch:
+    """A batch: images[k] (B, 3, s_k, s_k), boxes[k] (B, 4), flips[k] (B) per crop k;
+    labels (B) when the dataset gave them."""
+    images: list
+    boxes: list
+    flips: list
+    labels: torch.Tensor | None = None
+
+    def by_size(self) -> list:
+        """Crops concatenated per run of equal sizes (for one backbone pass per resolution):
+        [(n_s * B, 3, s, s), ...] in crop order."""
+        groups, current = [], []
+        for img in self.images:
+            if current and img.shape[-2:] != current[-1].shape[-2:]:
+                groups.append(torch.cat(current))
+                current = []
+            current.append(img)
+        if current:
+            groups.append(torch.cat(current))
+        return groups
+
+
+def _check_lists(size_crops, nmb_crops, min_scale_crops, max_scale_crops):
+    n = len(size_crops)
+    if not (len(nmb_crops) == len(min_scale_crops) == len(max_scale_crops) == n) or n == 0:
+        raise ValueError("MultiCropTransform: size_crops, nmb_crops, min_scale_crops and "
+                         "max_scale_crops must be non-empty lists of the same length, got "
+                         f"{size_crops}, {nmb_crops}, {min_scale_crops}, {max_scale_crops}")
+    for lo, hi in zip(min_scale_crops, max_scale_crops):
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"MultiCropTransform: scale range ({lo}, {hi}) must satisfy "
+                             "0 < min <= max <= 1")
+
+
+class MultiCropTransform:
+    """image (PIL or (C, H, W) tensor) -> MultiCropSample of sum(nmb_crops) crops.
+
+    Defaults are PASS's S300/S919 setting: 2 x 224 crops at scale (0.08, 1). S50 uses
+    size_crops=(224, 96), nmb_crops=(2, 6), min_scale_crops=(0.14, 0.05),
+    max_scale_crops=(1.0, 0.14).
+    """
+
+    def __init__(self, size_crops: Sequence[int] = (224,), nmb_crops: Sequence[int] = (2,),
+                 min_scale_crops: Sequence[float] = (0.08,),
+                 max_scale_crops: Sequence[float] = (1.0,),
+                 ratio: tuple = (3 / 4, 4 / 3), mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] | None = None, std_quirk: bool = False,
+                 flip_p: float = 0.5, jitter_strength: float = 1.0, color_p: float = 0.8,
+                 grayscale_p: float = 0.2, blur_p: float = 0.5,
+                 blur_sigma: tuple = (0.1, 2.0)):
+        _check_lists(size_crops, nmb_crops, min_scale_crops, max_scale_crops)
+        self.crop_specs = [(int(s), (float(lo), float(hi)))
+                           for s, n, lo, hi in zip(size_crops, nmb_crops, min_scale_crops,
+                                                   max_scale_crops) for _ in range(n)]
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.flip_p = flip_p
+        s = jitter_strength
+        kernel = 2 * math.ceil(3 * blur_sigma[1]) + 1
+        self.color = T.Compose([
+            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=color_p),
+            T.RandomGrayscale(p=grayscale_p),
+            T.RandomApply([T.GaussianBlur(kernel, sigma=blur_sigma)], p=blur_p),
+        ])
+        std = tuple(std) if std is not None else (REFERENCE_STD if std_quirk else IMAGENET_STD)
+        self.finish = T.Compose([T.ToDtype(torch.float32, scale=True),
+                                 T.Normalize(mean=list(mean), std=list(std))])
+
+    def crop(self, image: torch.Tensor, size: int, scale: tuple):
+        """One crop of a (C, H, W) image tensor: (crop, (left, top, width, height), flipped)."""
+        top, left, height, width = T.RandomResizedCrop.get_params(image, list(scale),
+                                                                  list(self.ratio))
+        out = TF.resized_crop(image, top, left, height, width, [size, size],
+                              interpolation=T.InterpolationMode.BILINEAR, antialias=True)
+        flipped = bool(torch.rand(()) < self.flip_p)
+        if flipped:
+            out = TF.horizontal_flip(out)
+        return out, (float(left), float(top), float(width), float(height)), flipped
+
+    def __call__(self, image) -> MultiCropSample:
+        image = TF.to_image(image) if not isinstance(image, torch.Tensor) else image
+        if image.dim() != 3:
+            raise ValueError(f"MultiCropTransform: expected a (C, H, W) image, got shape "
+                             f"{tuple(image.shape)}")
+        crops, boxes, flips = [], [], []
+        for size, scale in self.crop_specs:
+            out, box, flipped = self.crop(image, size, scale)
+            crops.append(self.finish(self.color(out)))
+            boxes.append(box)
+            flips.append(flipped)
+        return MultiCropSample(crops, torch.tensor(boxes, dtype=torch.float32),
+                               torch.tensor(flips, dtype=torch.bool))
+
+
+def collate_multicrop(samples: list) -> MultiCropBatch:
+    """Collate MultiCropSample items (or (MultiCropSample, label) pairs) into a batch."""
+    if not samples:
+        raise ValueError("collate_multicrop: empty batch")
+    labels = None
+    if not isinstance(samples[0], MultiCropSample):
+        labels = torch.as_tensor([s[1] for s in samples])
+        samples = [s[0] for s in samples]
+    n = len(samples[0].crops)
+    if any(len(s.crops) != n for s in samples):
+        raise ValueError("collate_multicrop: every sample must have the same number of crops")
+    images = [torch.stack([s.crops[k] for s in samples]) for k in range(n)]
+    boxes = [torch.stack([s.boxes[k] for s in samples]) for k in range(n)]
+    flips = [torch.stack([s.flips[k] for s in samples]) for k in range(n)]
+    return MultiCropBatch(images, boxes, flips, labels)
