@@ -13,6 +13,7 @@ COMMANDS = {
     "info": ("lusscore.stages.info", "print how lusscore was built and whether a GPU is usable"),
     "synth": ("lusscore.stages.synth", "write a synthetic dataset in the ImageNet-S layout"),
     "demo": ("lusscore.stages.demo", "run every stage on the embedded synthetic dataset"),
+    "pretrain": ("lusscore.stages.pretrain", "learn representations: SwAV + P2P + D2S"),
     "finetune": ("lusscore.stages.finetune", "fine-tune backbone + (K+1)-way head on pseudo labels"),
     "infer": ("lusscore.stages.infer", "predict validation label maps with the fine-tuned model"),
 }
