@@ -93,6 +93,22 @@ class SwAVQueue:
         q[:bs] = embedding
         return scores
 
+    def state(self, rt: Runtime) -> dict:
+        """Every rank's queue (gathered) for the checkpoint."""
+        parts = [self.tensor.clone()]
+        if rt.distributed:
+            parts = [torch.empty_like(self.tensor) for _ in range(rt.world_size)]
+            torch.distributed.all_gather(parts, self.tensor)
+        return {"queue": torch.stack(parts).cpu(), "queue_in_use": self.in_use}
+
+    def load(self, state: dict, rt: Runtime) -> None:
+        self.tensor.copy_(state["queue"][rt.rank])
+        self.in_use = bool(state["queue_in_use"])
+
+
+def queue_state(queue: SwAVQueue | None, rt: Runtime) -> dict:
+    return queue.state(rt) if queue is not None else {"queue": None, "queue_in_use": False}
+
 
 def pass_losses(out: dict, batch_size: int, n_crops: int, weights: dict, pcfg: dict,
                 queue: SwAVQueue | None, prototypes: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -153,8 +169,7 @@ def pretrain(cfg: dict, run_dir: Path, rt: Runtime, samples: list[tuple[Path, in
         start = state["epoch"]
         if state.get("queue") is not None:
             queue = SwAVQueue(queue_len, mcfg["feat_dim"], rt.device)
-            queue.tensor.copy_(state["queue"][rt.rank])
-            queue.in_use = bool(state["queue_in_use"])
+            queue.load(state, rt)
     for epoch in range(start, epochs):
         loader.sampler.set_epoch(epoch)
         if queue is None and queue_len > 0 and epoch >= pcfg.get("epoch_queue_starts", 0):
@@ -181,16 +196,8 @@ def pretrain(cfg: dict, run_dir: Path, rt: Runtime, samples: list[tuple[Path, in
             bar.set_postfix(loss=f"{total.item():.3f}", img_s=f"{rate:.0f}")
             log.write(stage="pretrain", epoch=epoch, iter=step, loss=total.item(), lr=lrs[step],
                       img_s=rate, **{f"loss_{k}": v.item() for k, v in parts.items()})
-        queues = None
-        if queue is not None:
-            queues = [queue.tensor.clone()]
-            if rt.distributed:
-                queues = [torch.empty_like(queue.tensor) for _ in range(rt.world_size)]
-                torch.distributed.all_gather(queues, queue.tensor)
-            queues = torch.stack(queues).cpu()
         ck.save({"model": core.state_dict(), "backbone": core.backbone.state_dict(),
-                 "optimizer": optimizer.state_dict(), "epoch": epoch + 1, "queue": queues,
-                 "queue_in_use": queue.in_use if queue is not None else False},
+                 "optimizer": optimizer.state_dict(), "epoch": epoch + 1, **queue_state(queue, rt)},
                 done=epoch + 1 == epochs)
     return core
 

@@ -1,0 +1,125 @@
+"""Cluster the attention-pooled features of every train image into K centroids.
+
+Each image is resized (shorter side `cluster.resize`, 256) and centre-cropped
+(`cluster.crop`, 224); its stage-4 map is pooled with the trained pixel attention, L2-
+normalised, and k-means (K clusters, `niter` iterations, best of `nredo` restarts) gives
+<run>/cluster/centroids.npy (K, L), image assignments and, when the folder labels exist,
+NMI and Hungarian accuracy against them (cluster/summary.json).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch.utils.data import DataLoader, Dataset
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+from lusscore.checkpoint import load_checkpoint
+from lusscore.cluster import KMeans, l2_normalize
+from lusscore.data.label_io import read_image
+from lusscore.data.segmentation import IMAGENET_MEAN, IMAGENET_STD
+from lusscore.data.views import REFERENCE_STD
+from lusscore.engine import Runtime, autocast
+from lusscore.stages.attention import AttentionModel
+from lusscore.stages.common import add_run_arguments, dataset_of, start_run
+from lusscore.utils import atomic_path, atomic_write_text
+
+
+class EvalImages(Dataset):
+    def __init__(self, paths, resize: int, crop: int, std):
+        self.paths = list(paths)
+        self.transform = v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(crop),
+                                     v2.ToDtype(torch.float32, scale=True),
+                                     v2.Normalize(list(IMAGENET_MEAN), list(std))])
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return self.transform(read_image(self.paths[i]))
+
+
+def load_attention_model(cfg: dict, run_dir: Path, rt: Runtime) -> AttentionModel:
+    model = AttentionModel(cfg)
+    model.load_state_dict(load_checkpoint(run_dir / "attention.pt")["model"])
+    return model.to(rt.device).eval()
+
+
+@torch.no_grad()
+def pooled_features(model: AttentionModel, paths, cfg: dict, rt: Runtime) -> torch.Tensor:
+    ccfg = cfg["cluster"]
+    std = REFERENCE_STD if cfg["pretrain"].get("std_quirk", True) else IMAGENET_STD
+    loader = DataLoader(EvalImages(paths, ccfg.get("resize", 256), ccfg.get("crop", 224), std),
+                        batch_size=ccfg.get("batch_size", 64), num_workers=cfg["data"].get("workers", 0))
+    feats = []
+    for x in tqdm(loader, desc="cluster features", disable=not rt.is_main, leave=False):
+        with autocast(rt):
+            z = model.backbone(x.to(rt.device))["stage4"]
+            # The reference code pools attention x raw features for clustering (a quirk).
+            pooled = model.attention(z, return_attention=False,
+                                     pool_features=ccfg.get("pool_features", "raw"))
+        feats.append(pooled.float().cpu())
+    return torch.cat(feats)
+
+
+def nmi(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised mutual information (arithmetic mean of the entropies, as scikit-learn)."""
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    joint = np.zeros((ai.max() + 1, bi.max() + 1))
+    np.add.at(joint, (ai, bi), 1)
+    p = joint / joint.sum()
+    pa, pb = p.sum(1), p.sum(0)
+    nz = p > 0
+    mi = (p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum()
+    ha, hb = -(pa * np.log(pa)).sum(), -(pb * np.log(pb)).sum()
+    return float(mi / max((ha + hb) / 2, 1e-12)) if ha + hb > 0 else 1.0
+
+
+def hungarian_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
+    k = max(pred.max(), truth.max()) + 1
+    counts = np.zeros((k, k), dtype=np.int64)
+    np.add.at(counts, (pred, truth), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    return float(counts[rows, cols].sum() / len(pred))
+
+
+def run_cluster(cfg: dict, run_dir: Path, rt: Runtime, samples) -> dict:
+    ccfg = cfg["cluster"]
+    model = load_attention_model(cfg, run_dir, rt)
+    feats = l2_normalize(pooled_features(model, [p for p, _ in samples], cfg, rt))
+    km = KMeans(ccfg["k"], niter=ccfg.get("niter", 20), nredo=ccfg.get("nredo", 1),
+                seed=int(cfg.get("seed", 0)), device=rt.device, progress=rt.is_main)
+    km.fit(feats)
+    labels = km.labels_.cpu().numpy()
+    truth = np.array([c for _, c in samples])
+    summary = {"k": ccfg["k"], "images": len(samples), "objective": km.objective_history[-1],
+               "nmi": nmi(labels, truth), "hungarian_accuracy": hungarian_accuracy(labels, truth)}
+    out = run_dir / "cluster"
+    if rt.is_main:
+        with atomic_path(out / "centroids.npy") as tmp:
+            np.save(tmp, km.centroids.float().cpu().numpy())
+        with atomic_path(out / "assignments.npy") as tmp:
+            np.save(tmp, labels)
+        atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+    rt.barrier()
+    return summary
+
+
+def add_arguments(parser):
+    add_run_arguments(parser)
+
+
+def main(args):
+    cfg, run_dir, rt = start_run(args)
+    if (run_dir / "cluster" / "summary.json").is_file():
+        print(f"cluster: {run_dir / 'cluster'} is complete")
+        return
+    summary = run_cluster(cfg, run_dir, rt, dataset_of(cfg).image_samples("train"))
+    if rt.is_main:
+        print("cluster: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                      for k, v in summary.items()))
