@@ -4,3 +4,4 @@ from lusscore._build import load_extension
 load_extension()
 
 from lusscore.ops.label_codec import rgb_to_label  # noqa: E402,F401
+from lusscore.ops.kmeans import kmeans_assign, kmeans_update  # noqa: E402,F401
