@@ -1,14 +1,16 @@
 // kmeans_assign / kmeans_update on the CPU.
 //
 // assign: the rows are processed in tiles; for each (row tile, centroid tile) the dot products
-// come from one bounded BLAS GEMM and a fused pass keeps each row's running best, so no N x K
-// buffer ever exists. update: a stable counting sort by label, then each cluster's rows are
+// come from one bounded BLAS GEMM, and a fused pass finds the near-best candidates and re-scores
+// them exactly (kmeans_kernel.h), so no N x K buffer ever exists and ties are exact. update: a stable counting sort by label, then each cluster's rows are
 // summed in row order (in double, segment by segment) with no atomics: deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <type_traits>
 #include <limits>
 #include <vector>
 
@@ -32,51 +34,67 @@ void assign_tiles(const at::Tensor& x, const at::Tensor& centroids, Metric metri
   const at::Tensor c = centroids.to(compute_type).contiguous();
   const at::Tensor cnorm_t = c.square().sum(1);
   const scalar_t* cnorm = cnorm_t.data_ptr<scalar_t>();
+  const scalar_t* cp = c.data_ptr<scalar_t>();
+  const double cmax = std::sqrt(c.to(at::kDouble).square().sum(1).max().item<double>());
+  // BLAS accumulates in the compute type; its inputs are exact (x is widened exactly).
+  const double u_acc = std::is_same_v<scalar_t, double> ? 0x1p-53 : 0x1p-24;
   const int64_t k_tile = std::min(k, kMaxCentroidTile);
   const int64_t n_tile = std::max<int64_t>(64, std::min<int64_t>(8192, kTileElems / k_tile));
   int64_t* label_out = labels.data_ptr<int64_t>();
   scalar_t* value_out = values.data_ptr<scalar_t>();
-  std::vector<scalar_t> best(n_tile);
+  std::vector<double> margin(n_tile), fast_best(n_tile), best(n_tile);
   std::vector<int64_t> best_index(n_tile);
 
   for (int64_t r0 = 0; r0 < n; r0 += n_tile) {
     const int64_t rows = std::min(n_tile, n - r0);
     const at::Tensor xt = x.narrow(0, r0, rows).to(compute_type).contiguous();
-    std::fill(best.begin(), best.begin() + rows, std::numeric_limits<scalar_t>::infinity());
-    std::fill(best_index.begin(), best_index.begin() + rows, 0);
+    const scalar_t* xp = xt.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        double sq = 0;
+        for (int64_t j = 0; j < d; ++j) sq += double(xp[i * d + j]) * double(xp[i * d + j]);
+        margin[i] = kmeans::refine_margin(std::sqrt(sq), cmax, d, 0.0, u_acc);
+        fast_best[i] = best[i] = std::numeric_limits<double>::infinity();
+        best_index[i] = 0;
+      }
+    });
     for (int64_t k0 = 0; k0 < k; k0 += k_tile) {
       const int64_t cols = std::min(k_tile, k - k0);
       // d == 0 gives zero dot products (at::mm handles the empty inner dimension).
       const at::Tensor dots = at::mm(xt, c.narrow(0, k0, cols).t()).contiguous();
       const scalar_t* dp = dots.data_ptr<scalar_t>();
       at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+        double partial[kmeans::kCanonicalLanes];
         for (int64_t i = begin; i < end; ++i) {
           const scalar_t* row = dp + i * cols;
-          scalar_t b = best[i];
-          int64_t bi = best_index[i];
+          scalar_t tile_min = std::numeric_limits<scalar_t>::infinity();
           for (int64_t j = 0; j < cols; ++j) {
             const scalar_t s = kmeans::assign_score<scalar_t>(metric, row[j], cnorm[k0 + j]);
-            if (kmeans::assign_better<scalar_t>(s, k0 + j, b, bi)) {
-              b = s;
-              bi = k0 + j;
+            tile_min = s < tile_min ? s : tile_min;
+          }
+          if (!(double(tile_min) <= fast_best[i] + margin[i])) continue;
+          const double threshold = std::min(double(tile_min), fast_best[i]) + margin[i];
+          fast_best[i] = std::min(double(tile_min), fast_best[i]);
+          // Re-score the near-best candidates exactly; lowest index wins exact ties.
+          for (int64_t j = 0; j < cols; ++j) {
+            const scalar_t s = kmeans::assign_score<scalar_t>(metric, row[j], cnorm[k0 + j]);
+            if (!(double(s) <= threshold)) continue;
+            for (int l = 0; l < kmeans::kCanonicalLanes; ++l) {
+              partial[l] = kmeans::canonical_partial(metric, xp + i * d, cp + (k0 + j) * d, d, l);
+            }
+            const double exact = kmeans::canonical_score_host(metric, partial);
+            if (kmeans::assign_better<double>(exact, k0 + j, best[i], best_index[i])) {
+              best[i] = exact;
+              best_index[i] = k0 + j;
             }
           }
-          best[i] = b;
-          best_index[i] = bi;
         }
       });
     }
-    const scalar_t* xp = xt.data_ptr<scalar_t>();
-    at::parallel_for(0, rows, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        scalar_t xnorm = 0;
-        if (metric == Metric::L2) {
-          for (int64_t j = 0; j < d; ++j) xnorm += xp[i * d + j] * xp[i * d + j];
-        }
-        label_out[r0 + i] = best_index[i];
-        value_out[r0 + i] = kmeans::assign_value<scalar_t>(metric, best[i], xnorm);
-      }
-    });
+    for (int64_t i = 0; i < rows; ++i) {
+      label_out[r0 + i] = best_index[i];
+      value_out[r0 + i] = static_cast<scalar_t>(metric == Metric::IP ? -best[i] : best[i]);
+    }
   }
 }
 

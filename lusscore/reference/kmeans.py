@@ -5,27 +5,33 @@ from __future__ import annotations
 import torch
 
 
-def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, metric: str = "l2"):
-    """Float64 brute force; ties go to the lowest index (torch.min/max return the first)."""
+def _scores(x: torch.Tensor, centroids: torch.Tensor, metric: str) -> torch.Tensor:
+    """(N, K) float64 score to minimise: squared distance from exact differences (row chunks,
+    no cancellation), or minus the inner product."""
     x64, c64 = x.double(), centroids.double()
     if metric == "ip":
-        sim = x64 @ c64.T
-        values, labels = sim.max(1) if len(x) else (sim.new_empty(0), sim.new_empty(0).long())
-        return labels, values
-    dist = ((x64[:, None, :] - c64[None, :, :]) ** 2).sum(-1)
-    if len(x) == 0:
-        return dist.new_empty(0, dtype=torch.int64), dist.new_empty(0)
-    values, labels = dist.min(1)
-    return labels, values
+        return -(x64 @ c64.T)
+    rows = max(1, (1 << 22) // max(1, c64.shape[0] * max(1, c64.shape[1])))
+    parts = [((x64[a:a + rows, None, :] - c64[None, :, :]) ** 2).sum(-1)
+             for a in range(0, x64.shape[0], rows)]
+    return torch.cat(parts) if parts else x64.new_zeros(0, c64.shape[0])
+
+
+def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, metric: str = "l2"):
+    """Float64 brute force; ties go to the lowest index (torch.min returns the first)."""
+    score = _scores(x, centroids, metric)
+    if score.shape[0] == 0:
+        return score.new_empty(0, dtype=torch.int64), score.new_empty(0)
+    best, labels = score.min(1)
+    return labels, (-best if metric == "ip" else best)
 
 
 def kmeans_assign_gap(x: torch.Tensor, centroids: torch.Tensor, metric: str = "l2"):
-    """Float64 gap between each row's best and second-best centroid (inf for K = 1): rows with
-    a gap above rounding must get the brute-force label from any implementation."""
-    x64, c64 = x.double(), centroids.double()
-    score = -(x64 @ c64.T) if metric == "ip" else ((x64[:, None, :] - c64[None, :, :]) ** 2).sum(-1)
-    if centroids.shape[0] < 2 or len(x) == 0:
-        return torch.full((len(x),), float("inf"), dtype=torch.float64, device=x.device)
+    """Float64 gap between each row's best and second-best score (inf for K = 1): a row whose
+    gap is above rounding must get the brute-force label from any implementation."""
+    score = _scores(x, centroids, metric)
+    if centroids.shape[0] < 2 or score.shape[0] == 0:
+        return torch.full((score.shape[0],), float("inf"), dtype=torch.float64, device=x.device)
     two = score.topk(2, dim=1, largest=False).values
     return two[:, 1] - two[:, 0]
 
