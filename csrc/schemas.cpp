@@ -12,4 +12,8 @@ TORCH_LIBRARY(lusscore, m) {
   m.def("overlap_gather_backward(Tensor grad_g1, Tensor grad_g2, Tensor boxes1, Tensor boxes2, "
         "Tensor flips1, Tensor flips2, SymInt height1, SymInt width1, SymInt height2, "
         "SymInt width2, int size, bool cell_centers) -> (Tensor grad_f1, Tensor grad_f2)");
+  // kmeans: fused nearest-centroid search (labels int64, squared distance or similarity) and
+  // deterministic per-cluster sums (K, D) fp32 + counts (K) int64.
+  m.def("kmeans_assign(Tensor x, Tensor centroids, str metric) -> (Tensor, Tensor)");
+  m.def("kmeans_update(Tensor x, Tensor labels, int k) -> (Tensor, Tensor)");
 }

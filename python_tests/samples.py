@@ -50,3 +50,18 @@ def overlap_maps(batch: int, channels: int, h: int, w: int, seed: int = 0,
     g = torch.Generator().manual_seed(seed)
     f = torch.randn(batch, channels, h, w, generator=g, dtype=torch.float64).to(dtype).to(device)
     return f.contiguous(memory_format=torch.channels_last) if channels_last else f
+# ---- kmeans
+
+def kmeans_points(n: int, d: int, dtype=torch.float32, seed: int = 0, device="cpu") -> torch.Tensor:
+    """(n, d) standard-normal rows."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g).to(device=device, dtype=dtype)
+
+
+def kmeans_blobs(n: int, d: int, k: int, spread: float = 0.1, seed: int = 0, device="cpu"):
+    """(n, d) float32 rows around k well-separated random centres, and the true centre ids."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(k, d, generator=g) * 4
+    ids = torch.arange(n) % k
+    x = centres[ids] + spread * torch.randn(n, d, generator=g)
+    return x.to(device), ids.to(device)

@@ -1,0 +1,102 @@
+// ATen-free math of kmeans_assign / kmeans_update, shared by the CPU and CUDA kernels.
+#pragma once
+
+#include <cstdint>
+
+#ifdef __CUDACC__
+#define LUSSCORE_HOST_DEVICE __host__ __device__
+#else
+#define LUSSCORE_HOST_DEVICE
+#endif
+
+namespace lusscore {
+namespace kmeans {
+
+enum class Metric : int { L2 = 0, IP = 1 };
+
+// Rows of x per segment of one cluster in kmeans_update: each segment is summed on its own
+// (in row order), then the segment sums are added in order. Both devices use the same split,
+// so their sums are bit-identical.
+constexpr int64_t kUpdateSegment = 1024;
+
+// The score that is minimised: ||c||^2 - 2 x.c for L2 (||x||^2 is the same for every
+// centroid), -x.c for inner product.
+template <typename T>
+LUSSCORE_HOST_DEVICE inline T assign_score(Metric metric, T dot, T cnorm) {
+  return metric == Metric::L2 ? cnorm - T(2) * dot : -dot;
+}
+
+// Is (score, index) better than (best, best_index)? Lower score wins; an exact tie goes to
+// the lower index, whatever order the candidates are visited in.
+template <typename T>
+LUSSCORE_HOST_DEVICE inline bool assign_better(T score, int64_t index, T best, int64_t best_index) {
+  return score < best || (score == best && index < best_index);
+}
+
+// What the op returns per row: squared distance (never below 0) or similarity.
+template <typename T>
+LUSSCORE_HOST_DEVICE inline T assign_value(Metric metric, T best, T xnorm) {
+  if (metric == Metric::IP) return -best;
+  const T d = xnorm + best;
+  return d > T(0) ? d : T(0);
+}
+
+
+// ---- Exact refinement of near-ties.
+// The fast scan scores every centroid from a GEMM (rounding depends on the GEMM: BLAS blocking,
+// TF32, bf16). Every centroid whose fast score lies within the GEMM's error bound of the best is
+// then re-scored canonically: in double, from exact differences, in one fixed order shared by
+// both devices (32 lanes, lane l summing the columns l, l + 32, ..., then an xor butterfly).
+// So equal centroids always tie exactly (lowest index wins), and both devices pick the same
+// label and value whenever their candidate sets contain the true best.
+constexpr int kCanonicalLanes = 32;
+
+#ifdef __CUDA_ARCH__
+LUSSCORE_HOST_DEVICE inline double canon_add(double a, double b) { return __dadd_rn(a, b); }
+LUSSCORE_HOST_DEVICE inline double canon_mul(double a, double b) { return __dmul_rn(a, b); }
+#else
+inline double canon_add(double a, double b) { return a + b; }
+inline double canon_mul(double a, double b) { return a * b; }
+#endif
+
+// Lane `lane`'s partial: squared differences (L2) or products (IP) of the columns
+// lane, lane + 32, ..., in increasing order.
+template <typename x_t, typename c_t>
+LUSSCORE_HOST_DEVICE inline double canonical_partial(Metric metric, const x_t* x, const c_t* c,
+                                                     int64_t d, int lane) {
+  double acc = 0.0;
+  for (int64_t j = lane; j < d; j += kCanonicalLanes) {
+    const double xv = static_cast<double>(static_cast<float>(x[j]));
+    const double cv = static_cast<double>(c[j]);
+    if (metric == Metric::L2) {
+      const double diff = xv - cv;
+      acc = canon_add(acc, canon_mul(diff, diff));
+    } else {
+      acc = canon_add(acc, canon_mul(xv, cv));
+    }
+  }
+  return acc;
+}
+
+// The canonical score to minimise from the 32 lane partials (host: all lanes in one array).
+inline double canonical_score_host(Metric metric, double* partial) {
+  for (int offset = kCanonicalLanes / 2; offset > 0; offset >>= 1) {
+    double next[kCanonicalLanes];
+    for (int l = 0; l < kCanonicalLanes; ++l) next[l] = partial[l] + partial[l ^ offset];
+    for (int l = 0; l < kCanonicalLanes; ++l) partial[l] = next[l];
+  }
+  return metric == Metric::L2 ? partial[0] : -partial[0];
+}
+
+// Bound on |fast score - exact score| for a row: the dot product x.c from a GEMM whose inputs
+// are rounded with unit roundoff u_in (0 when exact) and accumulated with u_acc over d terms,
+// doubled for safety, plus the fp32 rounding of ||c||^2 and of the score itself.
+LUSSCORE_HOST_DEVICE inline double refine_margin(double xnorm, double cmax, int64_t d, double u_in,
+                                                 double u_acc) {
+  const double dot_bound = (2.0 * u_in + (static_cast<double>(d) + 4.0) * u_acc) * xnorm * cmax;
+  const double norm_bound = (static_cast<double>(d) + 4.0) * u_acc * cmax * cmax;
+  return 2.0 * (2.0 * dot_bound + norm_bound) + 8.0 * u_acc * (xnorm * xnorm + cmax * cmax);
+}
+
+}  // namespace kmeans
+}  // namespace lusscore

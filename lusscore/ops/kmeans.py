@@ -1,0 +1,51 @@
+"""kmeans_assign / kmeans_update: the two batched k-means steps, on CPU or CUDA.
+
+kmeans_assign(x, centroids, metric) -> (labels int64 (N), values (N)): each row's nearest
+centroid ("l2": smallest squared Euclidean distance, the value is that distance; "ip":
+largest inner product, the value is that similarity), exact ties going to the lowest index.
+Distances are accumulated in fp32 (fp64 for fp64 inputs on the CPU) and no N x K buffer is
+ever held: rows and centroids are processed in bounded tiles. On CUDA, bf16/fp16 rows are
+multiplied on the tensor cores against the centroids rounded to the same dtype; fp32 rows
+follow torch.backends.cuda.matmul.allow_tf32.
+
+kmeans_update(x, labels, k) -> (sums (K, D) fp32 (fp64 for fp64 x), counts (K) int64):
+deterministic per-cluster sums (no float atomics; bit-identical on CPU and CUDA).
+"""
+from __future__ import annotations
+
+import torch
+
+_FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+@torch.library.register_fake("lusscore::kmeans_assign")
+def _kmeans_assign_fake(x, centroids, metric):
+    torch._check(metric in ("l2", "ip"), lambda: f'metric must be "l2" or "ip", got {metric!r}')
+    torch._check(x.dim() == 2 and centroids.dim() == 2,
+                 lambda: f"x and centroids must be 2-D, got {tuple(x.shape)}, {tuple(centroids.shape)}")
+    torch._check(x.dtype in _FLOATS and centroids.dtype in _FLOATS,
+                 lambda: f"x and centroids must be floating point, got {x.dtype}, {centroids.dtype}")
+    torch._check(x.shape[1] == centroids.shape[1],
+                 lambda: f"x and centroids must have the same D, got {x.shape[1]} and {centroids.shape[1]}")
+    value_type = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n = x.shape[0]
+    return x.new_empty((n,), dtype=torch.int64), x.new_empty((n,), dtype=value_type)
+
+
+@torch.library.register_fake("lusscore::kmeans_update")
+def _kmeans_update_fake(x, labels, k):
+    torch._check(x.dim() == 2, lambda: f"x must be 2-D, got {tuple(x.shape)}")
+    torch._check(labels.dim() == 1 and labels.dtype == torch.int64,
+                 lambda: f"labels must be 1-D int64, got {tuple(labels.shape)} {labels.dtype}")
+    sum_type = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty((k, x.shape[1]), dtype=sum_type), labels.new_empty((k,))
+
+
+def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, metric: str = "l2"):
+    """Nearest centroid per row: (labels int64 (N), squared distance or similarity (N))."""
+    return torch.ops.lusscore.kmeans_assign(x, centroids, metric)
+
+
+def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int):
+    """Per-cluster sums (K, D) and counts (K) of the rows of x grouped by label."""
+    return torch.ops.lusscore.kmeans_update(x, labels, k)

@@ -1,0 +1,413 @@
+"""kmeans_assign / kmeans_update against a float64 brute force, on every device; the
+lusscore.cluster.KMeans driver (faiss semantics, determinism, distributed, errors)."""
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import lusscore.ops as ops
+from conftest import requires_cuda
+from lusscore.cluster import KMeans, l2_normalize, pca_whiten, preprocess_features
+from lusscore.reference import kmeans as ref
+from lusscore.utils import LusscoreError
+from samples import kmeans_blobs, kmeans_points
+
+try:
+    import faiss
+except ImportError:
+    faiss = None
+
+
+def check_assign(x, c, metric, labels, values, gap_rtol=1e-9, vtol=1e-5):
+    """Labels equal the float64 brute force wherever the best/second-best gap is above float64
+    rounding (the kernels re-score near-ties exactly in double); values equal the brute-force
+    value up to the output's fp32 rounding."""
+    rl, rv = ref.kmeans_assign(x.cpu(), c.cpu(), metric)
+    gap = ref.kmeans_assign_gap(x.cpu(), c.cpu(), metric)
+    xs = x.cpu().double().norm(dim=1) if len(x) else torch.zeros(0, dtype=torch.float64)
+    cs = c.cpu().double().norm(dim=1).max()
+    scale = (xs + cs) ** 2 + 1e-30
+    clear = gap > gap_rtol * scale
+    assert labels.dtype == torch.int64 and labels.shape == (len(x),)
+    assert torch.equal(labels.cpu()[clear], rl[clear])
+    assert ((labels >= 0) & (labels < len(c))).all()
+    assert torch.allclose(values.cpu().double(), rv, rtol=vtol, atol=vtol * float(scale.max() if len(x) else 1))
+
+
+# ------------------------------------------------------------------------------ kmeans_assign
+
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_assign_matches_brute_force(device, metric, dtype):
+    if device.type == "cuda" and dtype == torch.float64:
+        pytest.skip("CUDA kernels take fp32/bf16/fp16")
+    x = kmeans_points(700, 37, dtype=dtype, seed=1, device=device)
+    c = kmeans_points(45, 37, seed=2, device=device)
+    labels, values = ops.kmeans_assign(x, c, metric)
+    assert values.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # Low precision x is judged against the brute force on the rows as stored: near-ties are
+    # re-scored exactly, so even bf16 GEMMs on CUDA give the float64 labels.
+    check_assign(x, c, metric, labels, values)
+    rl, _ = ref.kmeans_assign(x.cpu(), c.cpu(), metric)
+    assert torch.equal(labels.cpu(), rl)
+
+
+def test_assign_many_tiles(device):
+    """More centroids than one tile (CPU 1024) and more rows than one row tile."""
+    x = kmeans_points(5000, 6, seed=3, device=device)
+    c = kmeans_points(1500, 6, seed=4, device=device)
+    for metric in ("l2", "ip"):
+        labels, values = ops.kmeans_assign(x, c, metric)
+        check_assign(x, c, metric, labels, values)
+
+
+def test_assign_ties_go_to_lowest_index(device):
+    base = kmeans_points(7, 9, seed=5, device=device)
+    c = torch.cat([base, base, base])  # each centroid three times: 0..6, 7..13, 14..20
+    x = torch.cat([kmeans_points(300, 9, seed=6, device=device), base, base])
+    for metric in ("l2", "ip"):
+        labels, _ = ops.kmeans_assign(x, c, metric)
+        assert (labels < 7).all()
+        rl, _ = ref.kmeans_assign(x.cpu(), base.cpu(), metric)
+        gap = ref.kmeans_assign_gap(x.cpu(), base.cpu(), metric)
+        assert torch.equal(labels.cpu()[gap > 1e-3], rl[gap > 1e-3])
+    # A duplicate across centroid tiles (index 3 and 1500), and all-equal centroids.
+    far = kmeans_points(1600, 4, seed=7, device=device) + 100
+    far[1500] = far[3] = 0
+    x0 = kmeans_points(50, 4, seed=8, device=device) * 0.01
+    assert (ops.kmeans_assign(x0, far, "l2")[0] == 3).all()
+    same = torch.ones(5, 4, device=device)
+    for metric in ("l2", "ip"):
+        assert (ops.kmeans_assign(x0, same, metric)[0] == 0).all()
+    # Points exactly on centroids: distance 0, their own centroid.
+    labels, values = ops.kmeans_assign(base, base, "l2")
+    assert torch.equal(labels.cpu(), torch.arange(7)) and (values.abs() < 1e-4).all()
+
+
+def test_assign_shapes_k1_kn_d1_noncontiguous_empty(device):
+    x = kmeans_points(64, 5, seed=9, device=device)
+    labels, values = ops.kmeans_assign(x, x[:1], "l2")  # K = 1
+    assert (labels == 0).all()
+    check_assign(x, x[:1], "l2", labels, values)
+    labels, values = ops.kmeans_assign(x, x, "l2")  # K = N
+    assert torch.equal(labels.cpu(), torch.arange(64))
+    x1, c1 = kmeans_points(200, 1, seed=10, device=device), kmeans_points(13, 1, seed=11, device=device)
+    check_assign(x1, c1, "l2", *ops.kmeans_assign(x1, c1, "l2"))  # D = 1
+    xt = kmeans_points(11, 300, seed=12, device=device).T  # (300, 11), non-contiguous
+    ct = kmeans_points(11, 20, seed=13, device=device).T[::2]  # (10, 11), strided rows
+    assert not xt.is_contiguous() and not ct.is_contiguous()
+    for metric in ("l2", "ip"):
+        check_assign(xt, ct, metric, *ops.kmeans_assign(xt, ct, metric))
+    labels, values = ops.kmeans_assign(x[:0], x[:3], "l2")
+    assert labels.shape == (0,) and values.shape == (0,) and labels.dtype == torch.int64
+
+
+def test_assign_errors(device):
+    x, c = kmeans_points(8, 4, device=device), kmeans_points(3, 4, device=device)
+    with pytest.raises(RuntimeError, match="metric"):
+        ops.kmeans_assign(x, c, "cosine")
+    with pytest.raises(RuntimeError, match="same number of columns"):
+        ops.kmeans_assign(x, c[:, :3], "l2")
+    with pytest.raises(RuntimeError, match="x must have dtype"):
+        ops.kmeans_assign(x.int(), c, "l2")
+    with pytest.raises(RuntimeError, match="centroids must have 2 dimensions"):
+        ops.kmeans_assign(x, c[0], "l2")
+    with pytest.raises(RuntimeError, match="at least one row"):
+        ops.kmeans_assign(x, c[:0], "l2")
+    if device.type == "cuda":
+        with pytest.raises(RuntimeError, match="same device"):
+            ops.kmeans_assign(x, c.cpu(), "l2")
+
+
+# ------------------------------------------------------------------------------ kmeans_update
+
+def test_update_exact(device):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-50, 50, (3000, 19), generator=g).float().to(device)  # exact sums
+    labels = torch.randint(0, 23, (3000,), generator=g).to(device)
+    labels[labels == 5] = 6  # cluster 5 empty
+    sums, counts = ops.kmeans_update(x, labels, 23)
+    rs, rc = ref.kmeans_update(x, labels, 23)
+    assert sums.dtype == torch.float32 and counts.dtype == torch.int64
+    assert torch.equal(sums, rs) and torch.equal(counts, rc)
+    assert counts[5] == 0 and (sums[5] == 0).all()
+    xr = kmeans_points(5000, 33, seed=1, device=device)  # random values, > one segment per cluster
+    lr = torch.randint(0, 3, (5000,), generator=g).to(device)
+    sums, counts = ops.kmeans_update(xr, lr, 3)
+    rs, rc = ref.kmeans_update(xr, lr, 3)
+    assert torch.allclose(sums, rs, rtol=1e-6, atol=1e-5) and torch.equal(counts, rc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_update_dtypes(device, dtype):
+    if device.type == "cuda" and dtype == torch.float64:
+        pytest.skip("CUDA kernels take fp32/bf16/fp16")
+    x = kmeans_points(500, 8, dtype=dtype, seed=2, device=device)
+    labels = torch.arange(500, device=device) % 7
+    sums, counts = ops.kmeans_update(x, labels, 7)
+    rs, rc = ref.kmeans_update(x, labels, 7)
+    assert sums.dtype == rs.dtype
+    assert torch.allclose(sums.double(), rs.double(), rtol=1e-6, atol=1e-5) and torch.equal(counts, rc)
+
+
+def test_update_noncontiguous_empty_and_deterministic(device):
+    x = kmeans_points(40, 600, seed=3, device=device).T  # (600, 40) non-contiguous
+    labels = (torch.arange(600, device=device) * 7) % 5
+    sums, counts = ops.kmeans_update(x, labels, 5)
+    rs, rc = ref.kmeans_update(x, labels, 5)
+    assert torch.allclose(sums, rs, rtol=1e-6, atol=1e-5) and torch.equal(counts, rc)
+    again = ops.kmeans_update(x.contiguous(), labels, 5)
+    assert torch.equal(again[0], sums) and torch.equal(again[1], counts)
+    sums, counts = ops.kmeans_update(x[:0], labels[:0], 4)
+    assert sums.shape == (4, 40) and (sums == 0).all() and (counts == 0).all()
+
+
+def test_update_errors(device):
+    x = kmeans_points(6, 3, device=device)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=device)
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, k\)"):
+        ops.kmeans_update(x, labels, 2)
+    with pytest.raises(RuntimeError, match=r"labels must lie in \[0, k\)"):
+        ops.kmeans_update(x, labels - 1, 3)
+    with pytest.raises(RuntimeError, match="one entry per row"):
+        ops.kmeans_update(x, labels[:5], 3)
+    with pytest.raises(RuntimeError, match="labels must have dtype"):
+        ops.kmeans_update(x, labels.int(), 3)
+    with pytest.raises(RuntimeError, match="k .* must be >= 1"):
+        ops.kmeans_update(x, labels, 0)
+    with pytest.raises(RuntimeError, match="x must have dtype"):
+        ops.kmeans_update(x.long(), labels, 3)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tf32", [False, True])
+def test_cpu_cuda_parity(dtype, tf32):
+    """Both devices re-score near-ties with the same canonical double arithmetic: identical
+    labels and values whatever the GEMM precision; update sums are bit-identical."""
+    x = kmeans_points(20000, 64, dtype=dtype, seed=4)
+    c = kmeans_points(919, 64, seed=5)
+    c[700] = c[3]  # an exact duplicate: both must pick 3
+    x[:10] = c[3].to(dtype)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    try:
+        for metric in ("l2", "ip"):
+            lc, vc = ops.kmeans_assign(x, c, metric)
+            lg, vg = ops.kmeans_assign(x.cuda(), c.cuda(), metric)
+            assert torch.equal(lc, lg.cpu()) and torch.equal(vc, vg.cpu())
+            assert not (lg == 700).any()
+        # More centroids than one CUDA tile (8192).
+        cbig = kmeans_points(9000, 64, seed=6)
+        lc, vc = ops.kmeans_assign(x[:3000], cbig, "l2")
+        lg, vg = ops.kmeans_assign(x[:3000].cuda(), cbig.cuda(), "l2")
+        assert torch.equal(lc, lg.cpu()) and torch.equal(vc, vg.cpu())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+    labels = torch.randint(0, 919, (20000,), generator=torch.Generator().manual_seed(0))
+    sc, nc = ops.kmeans_update(x, labels, 919)
+    sg, ng = ops.kmeans_update(x.cuda(), labels.cuda(), 919)
+    assert torch.equal(sc, sg.cpu()) and torch.equal(nc, ng.cpu())  # same order, bit-identical
+
+
+def test_opcheck(device):
+    x, c = kmeans_points(30, 5, device=device), kmeans_points(4, 5, seed=1, device=device)
+    torch.library.opcheck(torch.ops.lusscore.kmeans_assign.default, (x, c, "l2"))
+    torch.library.opcheck(torch.ops.lusscore.kmeans_assign.default, (x, c, "ip"))
+    labels = torch.arange(30, device=device) % 4
+    torch.library.opcheck(torch.ops.lusscore.kmeans_update.default, (x, labels, 4))
+
+
+def test_compiles():
+    def step(x, c):
+        labels, _ = ops.kmeans_assign(x, c, "l2")
+        sums, counts = ops.kmeans_update(x, labels, c.shape[0])
+        return sums / counts.clamp_min(1)[:, None]
+
+    x, c = kmeans_points(100, 6), kmeans_points(5, 6, seed=1)
+    out = torch.compile(step, fullgraph=True, backend="eager")(x, c)
+    assert torch.allclose(out, step(x, c))
+
+
+# ------------------------------------------------------------------------------ KMeans driver
+
+def test_kmeans_recovers_blobs_and_predicts(device):
+    x, ids = kmeans_blobs(2000, 16, 10, device=device)
+    km = KMeans(10, niter=15, nredo=3, seed=0, init="kmeans++", progress=False).fit(x)
+    assert km.centroids.shape == (10, 16) and km.centroids.dtype == torch.float32
+    assert km.labels_.shape == (2000,) and km.labels_.device == x.device
+    assert len(km.objective_history) == 15 and len(km.objectives) == 3
+    assert km.objective == min(km.objectives) == km.objective_history[-1]
+    # Every true blob maps onto one cluster.
+    pairs = torch.unique(torch.stack([ids.cpu(), km.labels_.cpu()]), dim=1)
+    assert pairs.shape[1] == 10
+    assert torch.equal(km.predict(x), km.labels_)
+    rl, _ = ref.kmeans_assign(x.cpu(), km.centroids.cpu())
+    assert torch.equal(km.labels_.cpu(), rl)
+    # The objective never increases (Lloyd), and is the sum of squared distances.
+    hist = km.objective_history
+    assert all(b <= a * (1 + 1e-6) for a, b in zip(hist, hist[1:]))
+
+
+def test_kmeans_deterministic_for_seed():
+    x = kmeans_points(3000, 8, seed=3)
+    a = KMeans(20, niter=5, seed=7, progress=False).fit(x)
+    b = KMeans(20, niter=5, seed=7, progress=False).fit(x)
+    c = KMeans(20, niter=5, seed=8, progress=False).fit(x)
+    assert torch.equal(a.centroids, b.centroids) and a.objective_history == b.objective_history
+    assert not torch.equal(a.centroids, c.centroids)
+    # Chunked passes give the same clustering.
+    d = KMeans(20, niter=5, seed=7, progress=False, chunk_rows=700).fit(x)
+    assert torch.allclose(a.centroids, d.centroids, atol=1e-5) and torch.equal(a.labels_, d.labels_)
+    e = KMeans(20, niter=5, seed=7, init="kmeans++", progress=False).fit(x)
+    f = KMeans(20, niter=5, seed=7, init="kmeans++", progress=False).fit(x)
+    assert torch.equal(e.centroids, f.centroids)
+
+
+def test_kmeans_random_init_is_points_of_x():
+    x = kmeans_points(500, 4, seed=4)
+    km = KMeans(12, niter=0, seed=1, progress=False).fit(x)
+    dists = torch.cdist(km.centroids, x).min(1).values
+    assert (dists == 0).all() and len(torch.unique(km.centroids, dim=0)) == 12
+
+
+def test_kmeans_empty_cluster_is_split():
+    x, _ = kmeans_blobs(600, 5, 3, seed=5)
+    init = torch.cat([x[:3], torch.full((2, 5), 1e4)])  # two centroids far from every point
+    km = KMeans(5, niter=1, seed=0, progress=False)
+    km.fit(x, init_centroids=init)
+    c = km.centroids
+    assert torch.isfinite(c).all() and (c.abs() < 100).all()  # both refilled near the data
+    # Each refill is a split: a pair of centroids at a relative distance of ~1/1024.
+    close = torch.cdist(c, c) + torch.eye(5) * 1e9
+    nearest = close.min(1).values / c.norm(dim=1)
+    assert (nearest < 4.0 / 1024).sum() >= 2
+    km2 = KMeans(5, niter=10, seed=0, progress=False).fit(x, init_centroids=init)
+    assert len(torch.unique(km2.labels_)) == 5  # no empty cluster at the end
+
+
+def test_kmeans_spherical_ip_and_max_points():
+    x = l2_normalize(kmeans_points(2000, 12, seed=6))
+    km = KMeans(8, niter=6, spherical=True, metric="ip", progress=False).fit(x)
+    assert torch.allclose(km.centroids.norm(dim=1), torch.ones(8), atol=1e-5)
+    hist = km.objective_history
+    assert all(b >= a * (1 - 1e-6) for a, b in zip(hist, hist[1:]))  # similarity grows
+    rl, _ = ref.kmeans_assign(x, km.centroids, "ip")
+    assert torch.equal(km.labels_, rl)
+    km2 = KMeans(8, niter=3, nredo=2, metric="ip", progress=False).fit(x)
+    assert km2.objective == max(km2.objectives)
+    sub = KMeans(8, niter=3, max_points_per_centroid=20, progress=False).fit(x)
+    assert sub.labels_.shape == (2000,)
+    assert sub.objective_history[0] < 160 * 4  # trained on 160 points, not 2000
+
+
+def test_preprocessing():
+    x = kmeans_points(400, 10, seed=7) * torch.linspace(0.1, 5, 10)
+    y = preprocess_features(x)
+    assert torch.allclose(y.norm(dim=1), torch.ones(400), atol=1e-5)
+    w, transform = pca_whiten(x, dim=6)
+    assert w.shape == (400, 6)
+    cov = (w - w.mean(0)).T @ (w - w.mean(0)) / 399
+    assert torch.allclose(cov, torch.eye(6), atol=1e-3)
+    z = preprocess_features(x, pca_dim=6, whiten=True)
+    assert z.shape == (400, 6) and torch.allclose(z.norm(dim=1), torch.ones(400), atol=1e-5)
+
+
+def test_kmeans_errors():
+    x = kmeans_points(50, 4)
+    bad = x.clone()
+    bad[17, 2] = float("nan")
+    with pytest.raises(LusscoreError, match="1 row.*NaN or inf.*row 17"):
+        KMeans(3, niter=2, progress=False).fit(bad)
+    bad[17, 2] = float("inf")
+    bad[30, 0] = -float("inf")
+    with pytest.raises(LusscoreError, match="2 row"):
+        KMeans(3, niter=2, progress=False).fit(bad)
+    with pytest.raises(LusscoreError, match="larger than the number of points"):
+        KMeans(51, progress=False).fit(x)
+    km = KMeans(3, niter=2, progress=False).fit(x)
+    with pytest.raises(LusscoreError, match="D = 5 columns"):
+        km.predict(kmeans_points(4, 5))
+    with pytest.raises(LusscoreError, match="must be float32"):
+        KMeans(3, progress=False).fit(x.long())
+    with pytest.raises(LusscoreError, match="2-D"):
+        KMeans(3, progress=False).fit(x[0])
+    with pytest.raises(LusscoreError, match="init must be"):
+        KMeans(3, init="pp")
+    with pytest.raises(LusscoreError, match="metric"):
+        KMeans(3, metric="cos")
+    with pytest.raises(LusscoreError, match="init_centroids must have shape"):
+        KMeans(3, progress=False).fit(x, init_centroids=x[:2])
+    with pytest.raises(LusscoreError, match="before predict"):
+        KMeans(3).predict(x)
+
+
+@pytest.mark.skipif(faiss is None, reason="faiss-cpu is not installed")
+@pytest.mark.parametrize("spherical", [False, True])
+def test_objective_matches_faiss(spherical):
+    x, _ = kmeans_blobs(6000, 32, 40, spread=1.5, seed=8)
+    if spherical:
+        x = l2_normalize(x)
+    init = x[torch.randperm(6000, generator=torch.Generator().manual_seed(0))[:40]].clone()
+    fk = faiss.Kmeans(32, 40, niter=20, seed=1, spherical=spherical, max_points_per_centroid=100000,
+                      verbose=False)
+    fk.train(x.numpy(), init_centroids=init.numpy())
+    metric = "ip" if spherical else "l2"
+    km = KMeans(40, niter=20, spherical=spherical, metric=metric, progress=False).fit(x, init_centroids=init)
+    ours, theirs = km.objective_history[-1], float(fk.obj[-1])
+    assert abs(ours - theirs) <= 0.005 * abs(theirs)
+
+
+@requires_cuda
+def test_kmeans_cuda_matches_cpu_and_streams_from_host():
+    x = kmeans_points(30000, 24, seed=9)
+    cpu = KMeans(50, niter=5, seed=3, progress=False).fit(x)
+    gpu = KMeans(50, niter=5, seed=3, progress=False).fit(x.cuda())
+    streamed = KMeans(50, niter=5, seed=3, device="cuda", chunk_rows=4096, progress=False).fit(x)
+    for other in (gpu, streamed):
+        assert torch.allclose(other.centroids.cpu(), cpu.centroids, atol=1e-4)
+        assert math.isclose(other.objective, cpu.objective, rel_tol=1e-4)
+    assert streamed.labels_.device.type == "cpu" and torch.equal(streamed.labels_, cpu.labels_)
+    pinned = KMeans(50, niter=5, seed=3, device="cuda", chunk_rows=5000, progress=False).fit(x.pin_memory())
+    assert torch.allclose(pinned.centroids.cpu(), cpu.centroids, atol=1e-4)
+    bf16 = KMeans(50, niter=5, seed=3, device="cuda", dtype=torch.bfloat16, progress=False).fit(x)
+    assert math.isclose(bf16.objective, cpu.objective, rel_tol=2e-2)
+
+
+# ------------------------------------------------------------------------------ distributed
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _dist_worker(rank, world, port, x, kwargs, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.set_num_threads(1)
+        shard = torch.tensor_split(x, world)[rank]
+        km = KMeans(**kwargs).fit(shard)
+        out[rank] = (km.centroids, km.objective_history, km.labels_)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("init", ["random", "kmeans++"])
+def test_distributed_two_ranks_match_one(init):
+    x, _ = kmeans_blobs(1200, 6, 8, spread=0.8, seed=10)
+    kwargs = dict(n_clusters=8, niter=6, seed=2, init=init, progress=False)
+    single = KMeans(**kwargs).fit(x)
+    manager = mp.Manager()
+    out = manager.dict()
+    mp.spawn(_dist_worker, args=(2, _free_port(), x, kwargs, out), nprocs=2, join=True)
+    (c0, h0, l0), (c1, h1, l1) = out[0], out[1]
+    assert torch.equal(c0, c1)  # all ranks identical
+    assert torch.allclose(c0, single.centroids, atol=1e-5)
+    assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(h0, single.objective_history))
+    assert torch.equal(torch.cat([l0, l1]), single.labels_)
