@@ -4,3 +4,4 @@ from lusscore._build import load_extension
 load_extension()
 
 from lusscore.ops.label_codec import rgb_to_label  # noqa: E402,F401
+from lusscore.ops.attention_pool import attention_pool  # noqa: E402,F401
