@@ -1,1 +1,2 @@
 """Models: backbones, heads and pixel attention."""
+from lusscore.models.pixel_attention import PixelAttention  # noqa: F401
