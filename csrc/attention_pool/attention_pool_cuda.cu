@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <limits>
 #include <type_traits>
 #include <tuple>
@@ -179,16 +180,34 @@ attention_pool_bwd_kernel(const scalar_t* __restrict__ x, const scalar_t* __rest
   }
 }
 
-// grad_theta[l] = sum over b of row_sums[b, l], images added in order.
+// grad_theta[l] = sum over b of row_sums[b, l]. A block covers 32 channels; thread (tx, ty)
+// adds images ty, ty + 16, ... in order, then row ty == 0 adds the 16 partials in order, so
+// the result is deterministic.
+constexpr int kThetaCols = 32;
+constexpr int kThetaGroups = 16;
+
 template <typename theta_t>
-__global__ void attention_pool_theta_grad_kernel(const float* __restrict__ row_sums,
-                                                 theta_t* __restrict__ grad_theta, int64_t B,
-                                                 int64_t L) {
-  for (int64_t l = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; l < L;
-       l += int64_t(blockDim.x) * gridDim.x) {
+__global__ void __launch_bounds__(kThetaCols * kThetaGroups)
+attention_pool_theta_grad_kernel(const float* __restrict__ row_sums, theta_t* __restrict__ grad_theta,
+                                 int64_t B, int64_t L) {
+  __shared__ float part[kThetaGroups][kThetaCols + 1];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  for (int64_t l0 = int64_t(blockIdx.x) * kThetaCols; l0 < L; l0 += int64_t(gridDim.x) * kThetaCols) {
+    const int64_t l = l0 + tx;
     float s = 0.f;
-    for (int64_t b = 0; b < B; ++b) s += row_sums[b * L + l];
-    grad_theta[l] = static_cast<theta_t>(s);
+    if (l < L) {
+#pragma unroll 4
+      for (int64_t b = ty; b < B; b += kThetaGroups) s += row_sums[b * L + l];
+    }
+    part[ty][tx] = s;
+    __syncthreads();
+    if (ty == 0 && l < L) {
+      float total = 0.f;
+#pragma unroll
+      for (int g = 0; g < kThetaGroups; ++g) total += part[g][tx];
+      grad_theta[l] = static_cast<theta_t>(total);
+    }
+    __syncthreads();
   }
 }
 
@@ -272,8 +291,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_backward_cuda(
   at::Tensor grad_x = compute_grad_x ? at::empty(x_in.sizes(), x_in.options())
                                      : at::empty({0}, x_in.options());
   at::Tensor grad_a = at::empty(a_in.sizes(), a_in.options());
-  at::Tensor grad_theta = at::zeros({L}, theta_in.options());
-  if (B * L * hw == 0) return {grad_x, grad_a, grad_theta};
+  at::Tensor grad_theta = at::empty({L}, theta_in.options());
+  if (B * L * hw == 0) return {grad_x, grad_a, grad_theta.zero_()};
   const at::Tensor x = x_in.contiguous(), a = a_in.contiguous();
   const at::Tensor gm = attention_pool_grad_mean(grad_mean_in, x);
   const at::Tensor theta = theta_in.to(at::kFloat).contiguous();
@@ -310,8 +329,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_backward_cuda(
     LUSSCORE_CUDA_CHECK_LAUNCH();
   }));
   AT_DISPATCH_SWITCH(grad_theta.scalar_type(), "attention_pool_theta_grad", LUSSCORE_AP_CASES([&] {
-    attention_pool_theta_grad_kernel<scalar_t><<<capped_blocks(L), kThreads, 0, stream>>>(
-        row_sums.data_ptr<float>(), grad_theta.data_ptr<scalar_t>(), B, L);
+    const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int blocks = static_cast<int>(std::min<int64_t>((L + kThetaCols - 1) / kThetaCols, sms * 8));
+    attention_pool_theta_grad_kernel<scalar_t>
+        <<<blocks, dim3(kThetaCols, kThetaGroups), 0, stream>>>(
+            row_sums.data_ptr<float>(), grad_theta.data_ptr<scalar_t>(), B, L);
     LUSSCORE_CUDA_CHECK_LAUNCH();
   }));
   return {grad_x, grad_a, grad_theta};
