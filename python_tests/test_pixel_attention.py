@@ -108,3 +108,19 @@ def test_resnet_backbone_and_checkpoint(tmp_path):
                               {"arch": "resnet18", "attention": {"hidden": 32}})
     with pytest.raises(LusscoreError, match="attention weights do not fit"):
         load_attention_checkpoint(tmp_path / "wrong.pth")
+
+
+def test_compiles_fullgraph_with_gradients():
+    torch.manual_seed(5)
+    m = PixelAttention(8, hidden=4).train()
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    z = torch.randn(2, 8, 3, 3)
+    out = compiled(z)
+    out.square().sum().backward()
+    got = m.theta.grad.clone()
+    m.zero_grad()
+    torch.manual_seed(5)
+    m2 = PixelAttention(8, hidden=4).train()
+    m2.load_state_dict(m.state_dict())
+    m2(z).square().sum().backward()
+    torch.testing.assert_close(got, m2.theta.grad, atol=1e-6, rtol=1e-5)
