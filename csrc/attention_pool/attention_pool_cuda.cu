@@ -49,7 +49,8 @@ struct SegmentSmem {
 // element calls op(row_in_segment, col, x, a, out0, out1) -> the value added to that row's
 // sum, where out0/out1 are written to out0_ptr/out1_ptr (when non-null, NOUT of them) at the
 // element's position. Each lane handles VEC-element packs lane, lane + 32, ... with 16-byte
-// loads and stores; the tail that is not a whole pack goes element by element.
+// loads and stores (VEC = 1 when the data is not 16-byte aligned); the tail that is not a
+// whole pack goes element by element.
 template <typename scalar_t, int VEC, int NOUT, typename Op>
 __device__ __forceinline__ void segment_walk(const scalar_t* __restrict__ x,
                                              const scalar_t* __restrict__ a,
@@ -58,10 +59,20 @@ __device__ __forceinline__ void segment_walk(const scalar_t* __restrict__ x,
                                              int hw, float (*part)[33], int lane, Op op) {
   using P = Pack<scalar_t, VEC>;
   const int npack = n / VEC;
+  // Software pipelining: the next pack's loads are in flight while this one is computed.
+  P x_next, a_next;
+  if (lane < npack) {
+    x_next = *reinterpret_cast<const P*>(x + base + lane * VEC);
+    a_next = *reinterpret_cast<const P*>(a + base + lane * VEC);
+  }
   for (int p = lane; p < npack; p += 32) {
     const int e = p * VEC;
-    const P xv = *reinterpret_cast<const P*>(x + base + e);
-    const P av = *reinterpret_cast<const P*>(a + base + e);
+    const P xv = x_next;
+    const P av = a_next;
+    if (p + 32 < npack) {
+      x_next = *reinterpret_cast<const P*>(x + base + e + 32 * VEC);
+      a_next = *reinterpret_cast<const P*>(a + base + e + 32 * VEC);
+    }
     P o0, o1;
     int row = e / hw;
     int col = e - row * hw;
