@@ -16,4 +16,11 @@ TORCH_LIBRARY(lusscore, m) {
   // deterministic per-cluster sums (K, D) fp32 + counts (K) int64.
   m.def("kmeans_assign(Tensor x, Tensor centroids, str metric) -> (Tensor, Tensor)");
   m.def("kmeans_update(Tensor x, Tensor labels, int k) -> (Tensor, Tensor)");
+  // attention_pool: pooled (B,L) = mean_hw(sigmoid(a + theta) * x) for x, a (B,L,H,W), theta (L);
+  // mean_attention (B,H,W) = mean_l sigmoid(a + theta) when requested (else an empty tensor).
+  m.def("attention_pool(Tensor x, Tensor a, Tensor theta, bool return_mean_attention) -> "
+        "(Tensor pooled, Tensor mean_attention)");
+  // Its backward: (grad_x (empty unless compute_grad_x), grad_a, grad_theta), sigmoid recomputed.
+  m.def("attention_pool_backward(Tensor grad_pooled, Tensor? grad_mean_attention, Tensor x, "
+        "Tensor a, Tensor theta, bool compute_grad_x) -> (Tensor, Tensor, Tensor)");
 }

@@ -16,6 +16,7 @@ COMMANDS = {
     "pretrain": ("lusscore.stages.pretrain", "learn representations: SwAV + P2P + D2S"),
     "finetune": ("lusscore.stages.finetune", "fine-tune backbone + (K+1)-way head on pseudo labels"),
     "infer": ("lusscore.stages.infer", "predict validation label maps with the fine-tuned model"),
+    "label": ("lusscore.stages.label", "pixel pseudo-labels from the attention model and centroids"),
 }
 
 

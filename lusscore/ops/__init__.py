@@ -6,3 +6,4 @@ load_extension()
 from lusscore.ops.label_codec import rgb_to_label  # noqa: E402,F401
 from lusscore.ops.overlap_gather import overlap_gather  # noqa: E402,F401
 from lusscore.ops.kmeans import kmeans_assign, kmeans_update  # noqa: E402,F401
+from lusscore.ops.attention_pool import attention_pool  # noqa: E402,F401

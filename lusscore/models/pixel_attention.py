@@ -1,0 +1,78 @@
+"""PASS's pixel-attention module M_A (DESIGN.md section 2).
+
+The stage-4 map z (B, L, h, w) is upsampled x4 (bilinear) and L2-normalised over channels:
+x. The attention logits are a = M_A(x) with M_A = 1x1 conv-BN-ReLU-1x1 conv-BN, the
+attention c = sigmoid(a + theta) with theta per channel (initialised 0), and the pooled
+feature mean_hw(c * x) comes from the fused lusscore attention_pool op, which also gives the
+per-pixel channel-mean attention used for the 'other' mask.
+
+Pooling variants (pool_features): "normalized" pools the L2-normalised x (the paper, and
+the attention-training stage of the reference code); "raw" pools the upsampled but
+unnormalised map, which is what the reference code's clustering step does (DESIGN.md
+section 6). The attention itself is always computed from the normalised map.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lusscore.ops.attention_pool import attention_pool
+
+POOL_FEATURES = ("normalized", "raw")
+
+
+class PixelAttention(nn.Module):
+    def __init__(self, channels: int, hidden: int | None = None, upsample: int = 4,
+                 pool_features: str = "normalized"):
+        super().__init__()
+        if channels <= 0:
+            raise ValueError(f"channels must be positive, got {channels}")
+        if pool_features not in POOL_FEATURES:
+            raise ValueError(f"pool_features must be one of {POOL_FEATURES}, got {pool_features!r}")
+        if upsample < 1:
+            raise ValueError(f"upsample must be >= 1, got {upsample}")
+        hidden = channels if hidden is None else hidden
+        self.channels, self.hidden, self.upsample = channels, hidden, upsample
+        self.pool_features = pool_features
+        self.mlp = nn.Sequential(
+            nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels))
+        self.theta = nn.Parameter(torch.zeros(channels))
+
+    def extra_repr(self) -> str:
+        return (f"channels={self.channels}, hidden={self.hidden}, upsample={self.upsample}, "
+                f"pool_features={self.pool_features!r}")
+
+    def parameter_groups(self) -> list[dict]:
+        """The trainable groups: the M_A weights (convs and BNs) and theta."""
+        return [{"name": "attention_mlp", "params": list(self.mlp.parameters())},
+                {"name": "theta", "params": [self.theta]}]
+
+    def pixel_features(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(upsampled map, its L2-normalised version), both (B, L, up*h, up*w)."""
+        if z.dim() != 4 or z.shape[1] != self.channels:
+            raise ValueError(f"expected a stage-4 map (B, {self.channels}, h, w), got {tuple(z.shape)}")
+        up = z if self.upsample == 1 else F.interpolate(
+            z, scale_factor=self.upsample, mode="bilinear", align_corners=False)
+        return up, F.normalize(up, dim=1)
+
+    def attention_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """a = M_A(x) for the normalised map x (without theta)."""
+        return self.mlp(x)
+
+    def forward(self, z: torch.Tensor, return_attention: bool | None = None,
+                pool_features: str | None = None):
+        """z: stage-4 map (B, L, h, w) -> pooled (B, L), and the mean attention
+        (B, up*h, up*w) as a second output when return_attention (default: in eval mode)."""
+        if return_attention is None:
+            return_attention = not self.training
+        pool_features = self.pool_features if pool_features is None else pool_features
+        if pool_features not in POOL_FEATURES:
+            raise ValueError(f"pool_features must be one of {POOL_FEATURES}, got {pool_features!r}")
+        up, x = self.pixel_features(z)
+        a = self.attention_logits(x)
+        feats = x if pool_features == "normalized" else up
+        # Under autocast the logits come out in the low-precision dtype: pool in that dtype.
+        pooled, mean = attention_pool(feats.to(a.dtype), a, self.theta, return_attention)
+        return (pooled, mean) if return_attention else pooled

@@ -1,0 +1,289 @@
+"""Pixel pseudo-labels from the attention model and the k-means centroids (PASS step 3b).
+
+Per image (resized so its shorter side is --resize, aspect kept): the stage-4 map, upsampled
+x4 and L2-normalised (stride 8), is compared by cosine to the centroids; each pixel gets the
+argmax + 1. The channel-mean attention, upsampled (bilinear) to the image, marks 'other'
+(0) where it is < tau; the labels are upsampled (nearest) to the image size and written as
+ImageNet-S PNGs under OUT with the image's path relative to the split folder.
+
+--save-attention also writes each image's stride-8 mean attention as float32 .npy beside the
+PNG; run with --tau 0 to get unmasked labels for a tau sweep (apply_tau gives any tau).
+
+Resumable: images whose outputs exist and are valid are skipped; every file is written to a
+temporary name and renamed, so a killed run leaves no half-written file. Under torchrun
+(RANK/WORLD_SIZE set) every rank labels its own shard.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lusscore.data import ImageNetS, image_size, read_image, write_label_png
+from lusscore.ops.attention_pool import attention_pool
+from lusscore.utils import LusscoreError, atomic_path
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class LabelItem:
+    image: Path
+    label: Path                    # the PNG to write
+    attention: Path | None = None  # the .npy of the stride-8 mean attention, when wanted
+
+
+def resized_size(h: int, w: int, short: int) -> tuple[int, int]:
+    """(H, W) after resizing the shorter side to `short` (torchvision's Resize(int) rule)."""
+    if h <= w:
+        return short, int(short * w / h)
+    return int(short * h / w), short
+
+
+def load_image_tensor(path, short: int) -> torch.Tensor:
+    """The network input of one image: resized, (3, H, W) float, ImageNet-normalised."""
+    img = read_image(path)
+    h, w = resized_size(img.height, img.width, short)
+    img = img.resize((w, h), Image.BILINEAR)
+    t = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (t - mean) / std
+
+
+def apply_tau(labels: torch.Tensor, mean_attention: torch.Tensor, tau: float) -> torch.Tensor:
+    """labels (H, W) at image size; mean_attention (h, w) at stride 8, upsampled bilinearly to
+    (H, W); pixels with attention < tau become 0 ('other'). Returns a new tensor."""
+    att = F.interpolate(mean_attention[None, None].float(), size=tuple(labels.shape),
+                        mode="bilinear", align_corners=False)[0, 0]
+    return torch.where(att < tau, torch.zeros_like(labels), labels)
+
+
+@torch.inference_mode()
+def label_batch(backbone, attention, centroids: torch.Tensor, images: torch.Tensor,
+                sizes: list[tuple[int, int]], tau: float, amp: bool = False):
+    """images (B, 3, h, w) of one size; sizes: each image's original (H, W).
+
+    Returns ([labels (H, W) int32], [mean attention (h/8, w/8) float32]) on the model's device.
+    centroids: (K, L), normalised here.
+    """
+    device = images.device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        z = backbone(images)
+        _, x = attention.pixel_features(z.float())
+        a = attention.attention_logits(x)
+    x = x.float()
+    _, mean = attention_pool(x, a.float(), attention.theta.float(), True)
+    cent = F.normalize(centroids.to(device=device, dtype=torch.float32), dim=1)
+    sim = torch.einsum("blhw,kl->bkhw", x, cent)
+    ids = (sim.argmax(dim=1) + 1).to(torch.int32)
+    labels = []
+    for i, (h, w) in enumerate(sizes):
+        full = F.interpolate(ids[i][None, None].float(), size=(h, w), mode="nearest")[0, 0]
+        labels.append(apply_tau(full.to(torch.int32), mean[i], tau))
+    return labels, [m.float() for m in mean]
+
+
+def plan_items(image_paths: list[Path], split_root: Path, out_dir: Path,
+               save_attention: bool) -> list[LabelItem]:
+    items = []
+    for p in image_paths:
+        rel = Path(p).relative_to(split_root).with_suffix("")
+        label = out_dir / rel.with_suffix(".png")
+        items.append(LabelItem(Path(p), label, label.with_suffix(".npy") if save_attention else None))
+    return items
+
+
+def output_valid(item: LabelItem, image_hw: tuple[int, int]) -> bool:
+    """True when the item's PNG (and .npy if wanted) exist and their headers fit the image.
+
+    Headers suffice: this stage writes every file atomically, so a present file is whole.
+    """
+    try:
+        with Image.open(item.label) as im:
+            if im.format != "PNG" or im.mode != "RGB" or (im.height, im.width) != tuple(image_hw):
+                return False
+        if item.attention is not None:
+            att = np.load(item.attention, mmap_mode="r")
+            if att.ndim != 2 or att.dtype != np.float32:
+                return False
+    except (OSError, ValueError, SyntaxError):
+        return False
+    return True
+
+
+def _write_outputs(item: LabelItem, label: np.ndarray, attention: np.ndarray | None) -> None:
+    if item.attention is not None:
+        with atomic_path(item.attention) as tmp:
+            with open(tmp, "wb") as f:
+                np.save(f, attention)
+    write_label_png(item.label, label)
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    return items[rank::world]
+
+
+def same_size_batches(sizes: list[tuple[int, int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped by network-input size (no padding), each group cut into batches."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, s in enumerate(sizes):
+        groups.setdefault(s, []).append(i)
+    batches = []
+    for key in sorted(groups):
+        idx = groups[key]
+        batches.extend(idx[j:j + batch_size] for j in range(0, len(idx), batch_size))
+    return batches
+
+
+class _ImageSet(torch.utils.data.Dataset):
+    def __init__(self, items, short):
+        self.items, self.short = items, short
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return i, load_image_tensor(self.items[i].image, self.short)
+
+
+def _collate(batch):
+    idx = [b[0] for b in batch]
+    return idx, torch.stack([b[1] for b in batch])
+
+
+def label_images(backbone, attention, centroids, items: list[LabelItem], tau: float,
+                 device="cpu", batch_size: int = 32, resize: int = 256, workers: int = 0,
+                 writers: int = 4, amp: bool = False, progress: bool = True) -> dict:
+    """Label `items` (already this rank's shard). Skips items whose outputs are valid.
+
+    Returns {'labelled', 'skipped', 'seconds', 'images_per_s'}.
+    """
+    device = torch.device(device)
+    centroids = torch.as_tensor(np.asarray(centroids) if not torch.is_tensor(centroids) else centroids)
+    if centroids.dim() != 2 or centroids.shape[1] != attention.channels:
+        raise LusscoreError(f"centroids must have shape (K, {attention.channels}), got "
+                            f"{tuple(centroids.shape)}")
+    if centroids.shape[0] + 1 > 65535:
+        raise LusscoreError(f"at most 65534 centroids fit a label PNG, got {centroids.shape[0]}")
+    if not math.isfinite(tau):
+        raise LusscoreError(f"tau must be a finite number, got {tau}")
+    backbone.to(device).eval()
+    attention.to(device).eval()
+    centroids = centroids.to(device)
+
+    start = time.perf_counter()
+    todo, sizes, orig = [], [], []
+    for item in items:
+        hw = image_size(item.image)
+        if output_valid(item, hw):
+            continue
+        todo.append(item)
+        orig.append(hw)
+        sizes.append(resized_size(*hw, resize))
+    skipped = len(items) - len(todo)
+    batches = same_size_batches(sizes, batch_size)
+    loader = torch.utils.data.DataLoader(
+        _ImageSet(todo, resize), batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+        pin_memory=device.type == "cuda", persistent_workers=False)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+        bar = tqdm(total=len(todo), desc="label", unit="img", initial=0)
+    pool = ThreadPoolExecutor(max(1, writers))
+    pending = []
+    try:
+        for idx, images in loader:
+            images = images.to(device, non_blocking=True)
+            labels, means = label_batch(backbone, attention, centroids, images,
+                                        [orig[i] for i in idx], tau, amp=amp)
+            labels = [lab.cpu().numpy() for lab in labels]
+            means = [m.cpu().numpy() for m in means]
+            for i, lab, m in zip(idx, labels, means):
+                pending.append(pool.submit(_write_outputs, todo[i], lab, m))
+            # Bound the queue of PNGs waiting to be written; surface writer errors early.
+            while len(pending) > 4 * batch_size:
+                pending.pop(0).result()
+            if bar is not None:
+                bar.update(len(idx))
+        for f in pending:
+            f.result()
+    finally:
+        pool.shutdown(wait=True)
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+    return {"labelled": len(todo), "skipped": skipped, "seconds": seconds,
+            "images_per_s": len(todo) / seconds if seconds > 0 else float("nan")}
+
+
+def dist_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def load_centroids(path) -> torch.Tensor:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"centroids file not found: {path}")
+    try:
+        c = np.load(path)
+    except (OSError, ValueError) as e:
+        raise LusscoreError(f"{path}: cannot read centroids ({e})") from None
+    if c.ndim != 2 or not np.issubdtype(c.dtype, np.floating):
+        raise LusscoreError(f"{path}: centroids must be a (K, L) float array, got {c.shape} {c.dtype}")
+    return torch.from_numpy(c.astype(np.float32))
+
+
+def add_arguments(parser):
+    parser.add_argument("--data", required=True, help="dataset root (ImageNet-S layout)")
+    parser.add_argument("--split", default="train", choices=["train", "validation", "train-semi", "test"])
+    parser.add_argument("--checkpoint", required=True,
+                        help="attention checkpoint {'backbone', 'attention', 'config'}")
+    parser.add_argument("--centroids", required=True, help="centroids.npy (K, L)")
+    parser.add_argument("--tau", type=float, default=None,
+                        help="attention threshold ('other' below it); default: config['tau']")
+    parser.add_argument("--out", required=True, help="folder of the label PNGs")
+    parser.add_argument("--save-attention", action="store_true",
+                        help="also write the stride-8 mean attention as .npy (for the tau sweep)")
+    parser.add_argument("--resize", type=int, default=256, help="shorter side of the network input")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=4, help="image decoding processes")
+    parser.add_argument("--writers", type=int, default=4, help="PNG writing threads")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--amp", action="store_true", help="bf16 autocast for the backbone")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="pick the packaged category list (when the root has none)")
+
+
+def main(args):
+    from lusscore.models.backbone import load_attention_checkpoint
+
+    rank, world = dist_rank_world()
+    device = torch.device(args.device)
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    backbone, attention, config = load_attention_checkpoint(args.checkpoint)
+    tau = args.tau if args.tau is not None else config.get("tau")
+    if tau is None:
+        raise LusscoreError("no --tau given and the checkpoint config has no 'tau'")
+    centroids = load_centroids(args.centroids)
+    dataset = ImageNetS(args.data, num_classes=args.num_classes)
+    images = [p for p, _ in dataset.image_samples(args.split)]
+    items = plan_items(images, dataset.split_dir(args.split), Path(args.out), args.save_attention)
+    mine = shard(items, rank, world)
+    stats = label_images(backbone, attention, centroids, mine, float(tau), device=device,
+                         batch_size=args.batch_size, resize=args.resize, workers=args.workers,
+                         writers=args.writers, amp=args.amp, progress=rank == 0)
+    print(f"luss label [rank {rank}/{world}]: {stats['labelled']} labelled, {stats['skipped']} "
+          f"already done, {stats['images_per_s']:.1f} images/s -> {args.out}")
