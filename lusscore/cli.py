@@ -13,6 +13,7 @@ COMMANDS = {
     "info": ("lusscore.stages.info", "print how lusscore was built and whether a GPU is usable"),
     "synth": ("lusscore.stages.synth", "write a synthetic dataset in the ImageNet-S layout"),
     "demo": ("lusscore.stages.demo", "run every stage on the embedded synthetic dataset"),
+    "evaluate": ("lusscore.stages.evaluate", "ImageNet-S metrics of prediction PNGs (official numbers)"),
 }
 
 

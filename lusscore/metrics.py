@@ -297,3 +297,38 @@ def _iou(conf: np.ndarray, target: np.ndarray, num_classes: int, boundary: bool)
     gt_area = conf[:, :c + 1].sum(0).astype(np.float64)
     iou = 100.0 * inter / (out_area + gt_area - inter + 1e-10)
     return iou, gt_area
+
+
+class ThresholdSweep:
+    """Several evaluators fed from one read of the files: for threshold t, the prediction is
+    set to 0 ('other') where the confidence map (e.g. PASS's mean pixel attention) is < t.
+    Each threshold gets its own matching in compute()."""
+
+    def __init__(self, num_classes: int, thresholds, **kwargs):
+        self.thresholds = [float(t) for t in thresholds]
+        if not self.thresholds:
+            raise LusscoreError("the threshold sweep needs at least one threshold")
+        self.evaluators = [SegEvaluator(num_classes, **kwargs) for _ in self.thresholds]
+
+    def update(self, pred, gt, confidence, names: list[str] | None = None) -> None:
+        pred, gt = _as_tensor(pred, "pred"), _as_tensor(gt, "gt")
+        conf = confidence if isinstance(confidence, torch.Tensor) else torch.from_numpy(
+            np.asarray(confidence))
+        if conf.shape != pred.shape:
+            where = f" ({names[0]})" if names else ""
+            raise LusscoreError(f"confidence map size {tuple(conf.shape)} does not match the "
+                                f"prediction size {tuple(pred.shape)}{where}")
+        device = self.evaluators[0].device
+        pred, gt, conf = pred.to(device), gt.to(device), conf.to(device)
+        for t, ev in zip(self.thresholds, self.evaluators):
+            ev.update(torch.where(conf < t, torch.zeros_like(pred), pred), gt, names)
+
+    def compute(self, match=None) -> dict:
+        results = [ev.compute(match) for ev in self.evaluators]
+        best = max(range(len(results)), key=lambda i: results[i]["mIoU"])
+        return {"thresholds": self.thresholds, "results": results,
+                "best_threshold": self.thresholds[best], "best": results[best]}
+
+    def reset(self) -> None:
+        for ev in self.evaluators:
+            ev.reset()
