@@ -17,27 +17,35 @@ import torch
 from lusscore.utils import LusscoreError, atomic_write_text
 
 
+def cooccurrence_from_pairs(pred_img: np.ndarray, pred_id: np.ndarray, gt_img: np.ndarray,
+                            gt_id: np.ndarray, num_images: int, num_classes: int) -> np.ndarray:
+    """(C, C) int64: n[i, j] = number of images holding predicted id i+1 and GT id j+1,
+    from (image index, id) presence pairs; ids outside 1..C are ignored, repeats count once."""
+    def incidence(img, ids):
+        img, ids = np.asarray(img, dtype=np.int64), np.asarray(ids, dtype=np.int64)
+        keep = (ids >= 1) & (ids <= num_classes)
+        m = sp.csr_matrix((np.ones(int(keep.sum()), dtype=np.int64), (img[keep], ids[keep] - 1)),
+                          shape=(num_images, num_classes))
+        m.sum_duplicates()
+        m.data[:] = 1  # presence only
+        return m
+    n = (incidence(pred_img, pred_id).T @ incidence(gt_img, gt_id)).toarray()
+    return np.asarray(n, dtype=np.int64)
+
+
 def cooccurrence(pred_present: list[np.ndarray], gt_present: list[np.ndarray],
                  num_classes: int) -> np.ndarray:
-    """(C, C) int64: n[i, j] = number of images holding predicted id i+1 and GT id j+1.
-
-    pred_present / gt_present: per image, the ids present (values outside 1..C are ignored).
-    """
-    def incidence(lists):
-        rows, cols = [], []
-        for i, ids in enumerate(lists):
-            ids = np.unique(np.asarray(ids, dtype=np.int64))
-            ids = ids[(ids >= 1) & (ids <= num_classes)]
-            rows.append(np.full(ids.size, i, dtype=np.int64))
-            cols.append(ids - 1)
-        r = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-        c = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-        return sp.csr_matrix((np.ones(r.size, dtype=np.int64), (r, c)),
-                             shape=(len(lists), num_classes))
+    """cooccurrence_from_pairs for per-image lists of the ids present."""
     if len(pred_present) != len(gt_present):
         raise LusscoreError("pred_present and gt_present must list the same images")
-    n = (incidence(pred_present).T @ incidence(gt_present)).toarray()
-    return np.asarray(n, dtype=np.int64)
+
+    def flat(lists):
+        ids = [np.asarray(x, dtype=np.int64).reshape(-1) for x in lists]
+        img = [np.full(x.size, i, dtype=np.int64) for i, x in enumerate(ids)]
+        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, np.int64)  # noqa: E731
+        return cat(img), cat(ids)
+    return cooccurrence_from_pairs(*flat(pred_present), *flat(gt_present), len(pred_present),
+                                   num_classes)
 
 
 def cost_matrix(cooc: np.ndarray, num_images: int, variant: str = "imagenet-s") -> np.ndarray:

@@ -191,11 +191,13 @@ class SegEvaluator:
 
     def hungarian(self, variant: str = "imagenet-s") -> dict[int, int]:
         """The official matching (image-level co-occurrence, Munkres 1.1.4)."""
-        from lusscore.matching import cooccurrence, hungarian_match
-        pred, gt = self.image_label_sets()
-        return hungarian_match(cooccurrence(pred, gt, self.num_classes), self.num_images, variant)
+        from lusscore.matching import cooccurrence_from_pairs, hungarian_match
+        a = self._stats.arrays()
+        cooc = cooccurrence_from_pairs(a["img"], a["pid"], a["gimg"], a["gid"], self.num_images,
+                                       self.num_classes)
+        return hungarian_match(cooc, self.num_images, variant)
 
-    def _match_table(self, match):
+    def _match_table(self, match, hungarian: bool = False):
         """(target class per pred row or -1 when dropped, foreground flag per pred row)."""
         c, rows = self.num_classes, self.rows
         ids = np.arange(rows + 1)
@@ -210,6 +212,11 @@ class SegEvaluator:
             raise LusscoreError(
                 f"predicted ids {big[:10]} cannot be matched (negative or >= {rows}); "
                 "check the predictions")
+        if missing and hungarian:
+            raise LusscoreError(
+                f"predicted id(s) {missing[:20]} lie outside 1..{c}: the Hungarian match covers "
+                "1..C only (the official evaluator fails on them with a KeyError); pass a match "
+                "file that maps them")
         if missing:
             raise LusscoreError(
                 f"the match lacks predicted id(s) {missing[:20]}"
@@ -231,7 +238,9 @@ class SegEvaluator:
             if match != "hungarian":
                 raise LusscoreError(f"match must be None, 'hungarian' or a dict, got {match!r}")
             match = self.hungarian()
-        target, fg = self._match_table(match)
+            target, fg = self._match_table(match, hungarian=True)
+        else:
+            target, fg = self._match_table(match)
         out = {}
         region = self.region_conf.cpu().numpy()
         boundary = self.boundary_conf.cpu().numpy()

@@ -391,6 +391,39 @@ def test_reset_and_out_of_range_ids():
     r = ev.compute()
     assert r["out_of_range_ids"] == [4, 255]
     assert r["FMeasure"] > 0
+    with pytest.raises(LusscoreError, match="Hungarian match covers"):
+        ev.compute("hungarian")
     ev.reset()
     with pytest.raises(LusscoreError, match="no images"):
         ev.compute()
+
+
+def _dist_worker(rank, world, init_file, pairs, out_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    ev = SegEvaluator(6)
+    for pred, gt in pairs[rank::world]:
+        ev.update(pred, gt)
+    ev.all_reduce()
+    if rank == 0:
+        res = ev.compute()
+        Path(out_file).write_text(json.dumps({k: res[k] for k in KEYS + ("out_of_range_ids",)}))
+    dist.destroy_process_group()
+
+
+def test_distributed_all_reduce(tmp_path):
+    import torch.multiprocessing as mp
+    pairs = [segmentation_pair(30, 40, 4, num_classes=6, seed=s) for s in range(5)]
+    pairs[3][0][0, 0] = 20  # one rank sees a large id: its rows grow, the other's must follow
+    out = tmp_path / "r.json"
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), pairs, str(out)), nprocs=2)
+    ev = SegEvaluator(6)
+    for rank in range(2):  # the same images in rank order
+        for pred, gt in pairs[rank::2]:
+            ev.update(pred, gt)
+    want = ev.compute()
+    got = json.loads(out.read_text())
+    for k in KEYS:
+        assert got[k] == pytest.approx(want[k], nan_ok=True), k
+    assert got["out_of_range_ids"] == want["out_of_range_ids"] == [20]

@@ -1,5 +1,4 @@
 #include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -27,7 +26,10 @@ void band_interior(const T* label, int64_t h, int64_t w, int64_t d, uint8_t* inn
   up_ok.resize(n);
   uint8_t* rok = row_ok.data();
   uint8_t* uok = up_ok.data();
-  at::parallel_for(0, h, 64, [&](int64_t y0, int64_t y1) {
+  // Serial on purpose: one map is ~1 ms, and callers parallelise across images (decoding
+  // workers, batches); per-map thread barriers cost more than they save on busy machines.
+  {
+    const int64_t y0 = 0, y1 = h;
     std::vector<int32_t> left(w);
     for (int64_t y = y0; y < y1; ++y) {
       const T* row = label + y * w;
@@ -42,8 +44,9 @@ void band_interior(const T* label, int64_t h, int64_t w, int64_t d, uint8_t* inn
         rok[y * w + x] = (left[x] >= d && run >= d) ? 1 : 0;
       }
     }
-  });
-  at::parallel_for(0, w, 256, [&](int64_t x0, int64_t x1) {
+  }
+  {
+    const int64_t x0 = 0, x1 = w;
     const int64_t cols = x1 - x0;
     std::vector<int32_t> run(cols, 0);
     for (int64_t y = 0; y < h; ++y) {  // runs of row-uniform, same-label pixels, upwards
@@ -64,7 +67,7 @@ void band_interior(const T* label, int64_t h, int64_t w, int64_t d, uint8_t* inn
         inner[o + k] = (uok[o + k] && run[k] >= d) ? 1 : 0;
       }
     }
-  });
+  }
 }
 
 struct Accumulators {

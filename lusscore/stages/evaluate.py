@@ -199,7 +199,10 @@ def evaluate(gt_dir, pred_dir, num_classes: int, names=None, match="none", devic
 
 
 def main(args) -> int:
+    import torch
     from lusscore.matching import save_match
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # per-image work is small; decoding runs in --workers processes
     result = evaluate(args.gt, args.pred, args.num_classes, args.names, args.match, args.device,
                       args.workers, args.missing_as_background, args.pass_bands, args.curve,
                       args.conf_suffix, args.ignore_index, args.boundary_ratio, args.quiet)
