@@ -23,4 +23,11 @@ TORCH_LIBRARY(lusscore, m) {
   // Its backward: (grad_x (empty unless compute_grad_x), grad_a, grad_theta), sigmoid recomputed.
   m.def("attention_pool_backward(Tensor grad_pooled, Tensor? grad_mean_attention, Tensor x, "
         "Tensor a, Tensor theta, bool compute_grad_x) -> (Tensor, Tensor, Tensor)");
+  // seg_metrics: streaming ImageNet-S metrics, in-place int64 accumulators (layout in
+  // csrc/seg_metrics/seg_metrics_kernel.h); pred_lut relabels predictions before the bands.
+  m.def("seg_metrics_update_(Tensor pred, Tensor gt, int num_classes, int ignore_index, "
+        "float boundary_ratio, Tensor? pred_lut, Tensor(a!) region_conf, "
+        "Tensor(b!) boundary_conf, Tensor(c!) pred_stats, Tensor(d!) gt_hist) -> ()");
+  // munkres_assign: Munkres 1.1.4 (same tie-breaking) on a cost matrix -> column of each row.
+  m.def("munkres_assign(Tensor cost) -> Tensor");
 }

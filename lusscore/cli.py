@@ -17,6 +17,7 @@ COMMANDS = {
     "finetune": ("lusscore.stages.finetune", "fine-tune backbone + (K+1)-way head on pseudo labels"),
     "infer": ("lusscore.stages.infer", "predict validation label maps with the fine-tuned model"),
     "label": ("lusscore.stages.label", "pixel pseudo-labels from the attention model and centroids"),
+    "evaluate": ("lusscore.stages.evaluate", "ImageNet-S metrics of prediction PNGs (official numbers)"),
 }
 
 

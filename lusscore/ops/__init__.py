@@ -7,3 +7,4 @@ from lusscore.ops.label_codec import rgb_to_label  # noqa: E402,F401
 from lusscore.ops.overlap_gather import overlap_gather  # noqa: E402,F401
 from lusscore.ops.kmeans import kmeans_assign, kmeans_update  # noqa: E402,F401
 from lusscore.ops.attention_pool import attention_pool  # noqa: E402,F401
+from lusscore.ops.seg_metrics import munkres_assign, seg_metrics_update_  # noqa: E402,F401

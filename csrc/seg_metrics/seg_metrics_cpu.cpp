@@ -1,0 +1,190 @@
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "seg_metrics/seg_metrics_common.h"
+#include "seg_metrics/seg_metrics_kernel.h"
+
+namespace lusscore {
+namespace {
+
+// inner[x] = 1 when the (2d+1)^2 window around x lies inside the image and holds only L(x):
+// the complement of the boundary band of every label at once. O(H*W) for any d: a window is
+// uniform iff its row segments are uniform (run lengths along the row reach d on both sides)
+// and those rows continue the same label (run lengths along the column of that property).
+template <typename T>
+void band_interior(const T* label, int64_t h, int64_t w, int64_t d, uint8_t* inner,
+                   std::vector<uint8_t>& row_ok, std::vector<uint8_t>& up_ok) {
+  const int64_t n = h * w;
+  if (2 * d >= h || 2 * d >= w) {  // every pixel is within d of the border
+    std::fill(inner, inner + n, 0);
+    return;
+  }
+  row_ok.resize(n);
+  up_ok.resize(n);
+  uint8_t* rok = row_ok.data();
+  uint8_t* uok = up_ok.data();
+  // Serial on purpose: one map is ~1 ms, and callers parallelise across images (decoding
+  // workers, batches); per-map thread barriers cost more than they save on busy machines.
+  {
+    const int64_t y0 = 0, y1 = h;
+    std::vector<int32_t> left(w);
+    for (int64_t y = y0; y < y1; ++y) {
+      const T* row = label + y * w;
+      int32_t run = 0;
+      for (int64_t x = 0; x < w; ++x) {
+        run = (x > 0 && row[x] == row[x - 1]) ? run + 1 : 0;
+        left[x] = run;
+      }
+      run = 0;
+      for (int64_t x = w - 1; x >= 0; --x) {
+        run = (x + 1 < w && row[x] == row[x + 1]) ? run + 1 : 0;
+        rok[y * w + x] = (left[x] >= d && run >= d) ? 1 : 0;
+      }
+    }
+  }
+  {
+    const int64_t x0 = 0, x1 = w;
+    const int64_t cols = x1 - x0;
+    std::vector<int32_t> run(cols, 0);
+    for (int64_t y = 0; y < h; ++y) {  // runs of row-uniform, same-label pixels, upwards
+      const int64_t o = y * w + x0;
+      for (int64_t k = 0; k < cols; ++k) {
+        const bool cont = y > 0 && rok[o + k] && rok[o + k - w] && label[o + k] == label[o + k - w];
+        run[k] = cont ? run[k] + 1 : 0;
+        uok[o + k] = (rok[o + k] && run[k] >= d) ? 1 : 0;
+      }
+    }
+    std::fill(run.begin(), run.end(), 0);
+    for (int64_t y = h - 1; y >= 0; --y) {  // and downwards
+      const int64_t o = y * w + x0;
+      for (int64_t k = 0; k < cols; ++k) {
+        const bool cont =
+            y + 1 < h && rok[o + k] && rok[o + k + w] && label[o + k] == label[o + k + w];
+        run[k] = cont ? run[k] + 1 : 0;
+        inner[o + k] = (uok[o + k] && run[k] >= d) ? 1 : 0;
+      }
+    }
+  }
+}
+
+struct Accumulators {
+  int64_t* region;    // (5, R+1, C+1)
+  int64_t* boundary;  // (5, R+1, C+2)
+  int64_t rows, num_classes;
+};
+
+template <typename T>
+void update_image(const T* pred_in, const T* gt, int64_t h, int64_t w, int64_t ignore,
+                  double ratio, const int64_t* lut, int64_t lut_size, const Accumulators& acc,
+                  int64_t* pred_stats, int64_t* gt_hist) {
+  const int64_t n = h * w, c = acc.num_classes, rows = acc.rows;
+  const int64_t d = seg::band_dilation(h, w, ratio);
+  // Relabel first (PASS variant: bands of the relabelled prediction).
+  std::vector<int64_t> relabelled;
+  if (lut != nullptr) {
+    relabelled.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t v = static_cast<int64_t>(pred_in[i]);
+      relabelled[i] = (v >= 0 && v < lut_size) ? lut[v] : v;
+    }
+  }
+  std::vector<uint8_t> inner_p(n), inner_g(n), row_ok, up_ok;
+  if (lut != nullptr) {
+    band_interior(relabelled.data(), h, w, d, inner_p.data(), row_ok, up_ok);
+  } else {
+    band_interior(pred_in, h, w, d, inner_p.data(), row_ok, up_ok);
+  }
+  band_interior(gt, h, w, d, inner_g.data(), row_ok, up_ok);
+  auto pred_at = [&](int64_t i) -> int64_t {
+    return lut != nullptr ? relabelled[i] : static_cast<int64_t>(pred_in[i]);
+  };
+
+  // Pass 1: per-image histograms.
+  std::fill(pred_stats, pred_stats + 2 * (rows + 1), 0);
+  std::fill(gt_hist, gt_hist + c + 2, 0);
+  int64_t* pred_hist = pred_stats;
+  int64_t* pred_fg_hist = pred_stats + rows + 1;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t g = static_cast<int64_t>(gt[i]);
+    if (g == ignore) continue;
+    const int64_t r = seg::pred_row(pred_at(i), rows);
+    gt_hist[(g >= 0 && g <= c) ? g : c + 1]++;
+    pred_hist[r]++;
+    if (g != 0) pred_fg_hist[r]++;
+  }
+  int64_t valid = 0;
+  for (int64_t k = 0; k <= c + 1; ++k) valid += gt_hist[k];
+  std::vector<int8_t> bucket(c + 1, seg::kNoBucket);
+  int nonempty[4];
+  int num_nonempty = 0;
+  bool used[4] = {false, false, false, false};
+  for (int64_t k = 1; k <= c; ++k) {
+    if (gt_hist[k] > 0) {
+      bucket[k] = static_cast<int8_t>(seg::size_bucket(gt_hist[k], valid));
+      used[bucket[k]] = true;
+    }
+  }
+  for (int b = 0; b < 4; ++b) {
+    if (used[b]) nonempty[num_nonempty++] = b;
+  }
+
+  // Pass 2: region and boundary confusions, for all pixels and per size bucket.
+  const int64_t rstride = (rows + 1) * (c + 1), bstride = (rows + 1) * (c + 2);
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t g = static_cast<int64_t>(gt[i]);
+    if (g == ignore || g < 0 || g > c) continue;
+    const int64_t r = seg::pred_row(pred_at(i), rows);
+    const int64_t rb = (!inner_p[i] && r < rows) ? r : rows;
+    const int64_t cb = !inner_g[i] ? g : c + 1;
+    const int64_t ri = r * (c + 1) + g, bi = rb * (c + 2) + cb;
+    acc.region[ri]++;
+    acc.boundary[bi]++;
+    if (g != 0) {
+      const int64_t s = 1 + bucket[g];
+      acc.region[s * rstride + ri]++;
+      acc.boundary[s * bstride + bi]++;
+    } else {
+      for (int k = 0; k < num_nonempty; ++k) {
+        const int64_t s = 1 + nonempty[k];
+        acc.region[s * rstride + ri]++;
+        acc.boundary[s * bstride + bi]++;
+      }
+    }
+  }
+}
+
+void seg_metrics_update_cpu(const at::Tensor& pred, const at::Tensor& gt, int64_t num_classes,
+                            int64_t ignore_index, double boundary_ratio,
+                            const c10::optional<at::Tensor>& pred_lut, const at::Tensor& region_conf,
+                            const at::Tensor& boundary_conf, const at::Tensor& pred_stats,
+                            const at::Tensor& gt_hist) {
+  const SegMetricsShape shape = seg_metrics_check(pred, gt, num_classes, boundary_ratio, pred_lut,
+                                                  region_conf, boundary_conf, pred_stats, gt_hist);
+  if (shape.batch == 0) return;
+  auto [p, g] = seg_metrics_inputs(pred, gt);
+  at::Tensor lut;
+  if (pred_lut.has_value()) lut = pred_lut->contiguous();
+  const Accumulators acc{region_conf.data_ptr<int64_t>(), boundary_conf.data_ptr<int64_t>(),
+                         shape.rows, num_classes};
+  const int64_t hw = shape.height * shape.width;
+  AT_DISPATCH_INTEGRAL_TYPES(p.scalar_type(), "seg_metrics_update_cpu", [&] {
+    const scalar_t* pp = p.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    for (int64_t b = 0; b < shape.batch; ++b) {
+      update_image<scalar_t>(pp + b * hw, gp + b * hw, shape.height, shape.width, ignore_index,
+                             boundary_ratio, lut.defined() ? lut.data_ptr<int64_t>() : nullptr,
+                             lut.defined() ? lut.numel() : 0, acc,
+                             pred_stats.data_ptr<int64_t>() + b * 2 * (shape.rows + 1),
+                             gt_hist.data_ptr<int64_t>() + b * (num_classes + 2));
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lusscore, CPU, m) { m.impl("seg_metrics_update_", &seg_metrics_update_cpu); }
+
+}  // namespace lusscore

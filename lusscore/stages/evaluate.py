@@ -1,0 +1,229 @@
+"""Evaluate prediction PNGs against ImageNet-S GT with the official metrics.
+
+Reads every map once (PNG decoding in parallel workers), then applies the match (none,
+Hungarian on the image-level co-occurrence, or a match.json) and prints the official table:
+mIoU, boundary mIoU, Img-Acc, F-measure, and the S/MS/ML/L size buckets.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from lusscore.utils import LusscoreError, atomic_write_text
+
+MAX_LISTED = 20
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--gt", required=True, help="folder of GT label PNGs (wnid/name.png)")
+    parser.add_argument("--pred", required=True, help="folder of prediction PNGs, same layout")
+    parser.add_argument("--names", default=None,
+                        help="names list: one 'image label' (or 'label') path a line; the label "
+                             "column is read under --gt and --pred (default: every PNG under --gt)")
+    parser.add_argument("--match", default="none",
+                        help="none | hungarian | FILE.json ({\"pred id\": gt id})")
+    parser.add_argument("--num-classes", type=int, required=True, help="C: 50, 300 or 919")
+    parser.add_argument("--ignore-index", type=int, default=1000)
+    parser.add_argument("--boundary-ratio", type=float, default=0.03)
+    parser.add_argument("--json", default=None, help="write every number to this JSON file")
+    parser.add_argument("--save-match", default=None, help="write the match used as JSON")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                        help="PNG decoding processes (0: decode in this process)")
+    parser.add_argument("--missing-as-background", action="store_true",
+                        help="treat a missing prediction as all 'other' (0) instead of failing")
+    parser.add_argument("--pass-bands", action="store_true",
+                        help="PASS's variant: relabel by the match before the boundary bands "
+                             "(needs a match file, or a first pass for hungarian)")
+    parser.add_argument("--curve", nargs=3, type=float, metavar=("MIN", "MAX", "STEP"),
+                        default=None, help="threshold sweep on confidence maps")
+    parser.add_argument("--conf-suffix", default=".npy",
+                        help="confidence file beside each prediction: <name><suffix> (.npy)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def label_names(gt_dir: Path, names: str | None) -> list[str]:
+    if names is None:
+        found = sorted(p.relative_to(gt_dir).as_posix() for p in gt_dir.rglob("*.png"))
+        if not found:
+            raise LusscoreError(f"{gt_dir}: no GT PNGs found")
+        return found
+    path = Path(names)
+    if not path.is_file():
+        raise FileNotFoundError(f"names file not found: {path}")
+    out = []
+    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) > 2:
+            raise LusscoreError(f"{path}:{lineno}: expected 'image label' or 'label', got {line!r}")
+        out.append(parts[-1])
+    if not out:
+        raise LusscoreError(f"{path}: the names list is empty")
+    return out
+
+
+def _load(job):
+    """Decode one GT/prediction pair (runs in a worker process)."""
+    from lusscore.data.label_io import read_label_png
+    gt_path, pred_path, conf_path, missing_ok = job
+    gt = read_label_png(gt_path, dtype=np.int32)
+    if missing_ok and not os.path.exists(pred_path):
+        pred = np.zeros_like(gt)
+    else:
+        pred = read_label_png(pred_path, dtype=np.int32)
+        if pred.shape != gt.shape:
+            raise LusscoreError(
+                f"{pred_path}: prediction size {pred.shape[0]}x{pred.shape[1]} (HxW) does not "
+                f"match the GT {gt_path} size {gt.shape[0]}x{gt.shape[1]}")
+    conf = None
+    if conf_path is not None:
+        if not os.path.exists(conf_path):
+            raise FileNotFoundError(f"confidence file not found: {conf_path}")
+        conf = np.load(conf_path)
+        if conf.shape != gt.shape:
+            raise LusscoreError(f"{conf_path}: confidence size {conf.shape} does not match the "
+                                f"GT size {gt.shape}")
+    return pred, gt, conf
+
+
+def read_pairs(jobs, workers: int, quiet: bool):
+    """Yield decoded (pred, gt, conf) in order, decoding in `workers` processes."""
+    from tqdm import tqdm
+    bar = tqdm(total=len(jobs), unit="img", disable=quiet, desc="evaluate")
+    try:
+        if workers <= 0:
+            for job in jobs:
+                yield _load(job)
+                bar.update()
+        else:
+            with ProcessPoolExecutor(workers) as pool:
+                for item in pool.map(_load, jobs, chunksize=8):
+                    yield item
+                    bar.update()
+    finally:
+        bar.close()
+
+
+def format_table(result: dict, classes: list[str] | None = None) -> str:
+    fmt = lambda v: "nan" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"  # noqa: E731
+    lines = ["per class IoUs:", f"{'class':<12} {'IoU':>8} {'BIoU':>8}"]
+    for i, (iou, biou) in enumerate(zip(result["IoUs"], result["BIoUs"])):
+        name = classes[i] if classes else ("other" if i == 0 else str(i))
+        lines.append(f"{name:<12} {fmt(iou):>8} {fmt(biou):>8}")
+    keys = ("Acc", "mIoU", "mBIoU", "FMeasure", "S", "MS", "ML", "L", "BS", "BMS", "BML", "BL")
+    lines += ["Summary:", " ".join(f"{k:>9}" for k in keys),
+              " ".join(f"{fmt(result[k]):>9}" for k in keys)]
+    return "\n".join(lines)
+
+
+def _json_ready(obj):
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_ready(v) for v in obj]
+    return obj
+
+
+def evaluate(gt_dir, pred_dir, num_classes: int, names=None, match="none", device="cpu",
+             workers: int = 0, missing_as_background: bool = False, pass_bands: bool = False,
+             curve=None, conf_suffix: str = ".npy", ignore_index: int = 1000,
+             boundary_ratio: float = 0.03, quiet: bool = True) -> dict:
+    """Evaluate a prediction folder; returns compute()'s dict (or the sweep's)."""
+    from lusscore.matching import load_match
+    from lusscore.metrics import SegEvaluator, ThresholdSweep
+    gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
+    for d, what in ((gt_dir, "GT"), (pred_dir, "prediction")):
+        if not d.is_dir():
+            raise FileNotFoundError(f"{what} folder not found: {d}")
+    labels = label_names(gt_dir, names)
+    missing_gt = [n for n in labels if not (gt_dir / n).is_file()]
+    if missing_gt:
+        raise FileNotFoundError(f"{len(missing_gt)} GT file(s) missing under {gt_dir}: "
+                                + ", ".join(missing_gt[:MAX_LISTED]))
+    missing = [n for n in labels if not (pred_dir / n).is_file()]
+    if missing and not missing_as_background:
+        raise FileNotFoundError(
+            f"{len(missing)} prediction file(s) missing under {pred_dir}: "
+            + ", ".join(missing[:MAX_LISTED]) + (" ..." if len(missing) > MAX_LISTED else "")
+            + " (use --missing-as-background to score them as all 'other')")
+    match_arg = match
+    if match in (None, "none"):
+        match_arg = None
+    elif match != "hungarian":
+        match_arg = load_match(match)
+    lut = None
+    if pass_bands:
+        if match_arg is None:
+            raise LusscoreError("--pass-bands needs a match (hungarian or a file)")
+        if match_arg == "hungarian":  # PASS: a first pass finds the match, then bands follow it
+            first = evaluate(gt_dir, pred_dir, num_classes, names, "hungarian", device, workers,
+                             missing_as_background, False, None, conf_suffix, ignore_index,
+                             boundary_ratio, quiet)
+            match_arg = {int(k): v for k, v in first["match"].items()}
+        lut, used_match = match_arg, match_arg
+        match_arg = None
+    kwargs = dict(ignore_index=ignore_index, boundary_ratio=boundary_ratio, device=device,
+                  pred_lut=lut)
+    conf_of = None
+    if curve is not None:
+        lo, hi, step = curve
+        if step <= 0 or hi < lo:
+            raise LusscoreError(f"--curve needs MIN <= MAX and STEP > 0, got {curve}")
+        thresholds = [round(lo + i * step, 10) for i in range(int(math.floor((hi - lo) / step + 1e-9)) + 1)]
+        acc = ThresholdSweep(num_classes, thresholds, **kwargs)
+        conf_of = lambda n: str(pred_dir / (n[:-4] if n.endswith(".png") else n)) + conf_suffix  # noqa: E731
+    else:
+        acc = SegEvaluator(num_classes, **kwargs)
+    jobs = [(str(gt_dir / n), str(pred_dir / n), conf_of(n) if conf_of else None,
+             missing_as_background) for n in labels]
+    for name, (pred, gt, conf) in zip(labels, read_pairs(jobs, workers, quiet)):
+        if conf is None:
+            acc.update(pred, gt, names=[name])
+        else:
+            acc.update(pred, gt, conf, names=[name])
+    result = acc.compute(match_arg)
+    if lut is not None:
+        for r in ([result] if curve is None else result["results"]):
+            r["match"] = used_match
+    result["missing_predictions"] = missing
+    return result
+
+
+def main(args) -> int:
+    import torch
+    from lusscore.matching import save_match
+    if args.device == "cpu":
+        torch.set_num_threads(1)  # per-image work is small; decoding runs in --workers processes
+    result = evaluate(args.gt, args.pred, args.num_classes, args.names, args.match, args.device,
+                      args.workers, args.missing_as_background, args.pass_bands, args.curve,
+                      args.conf_suffix, args.ignore_index, args.boundary_ratio, args.quiet)
+    best = result["best"] if args.curve else result
+    if args.curve:
+        for t, r in zip(result["thresholds"], result["results"]):
+            print(f"threshold {t:.4f}: mIoU {r['mIoU']:.2f}  mBIoU {r['mBIoU']:.2f}")
+        print(f"best threshold {result['best_threshold']:.4f}")
+    print(format_table(best))
+    if result.get("missing_predictions"):
+        print(f"warning: {len(result['missing_predictions'])} missing prediction(s) scored as "
+              "all 'other'")
+    if best.get("out_of_range_ids"):
+        ids = best["out_of_range_ids"]
+        print(f"warning: predicted ids outside 0..{args.num_classes}: {ids[:MAX_LISTED]}"
+              + (" ..." if len(ids) > MAX_LISTED else "")
+              + " (dropped from the histograms, foreground for F)")
+    if args.save_match:
+        if best["match"] is None:
+            raise LusscoreError("--save-match needs --match hungarian or a match file")
+        save_match(args.save_match, best["match"])
+    if args.json:
+        atomic_write_text(args.json, json.dumps(_json_ready(result), indent=1))
+    return 0

@@ -1,0 +1,429 @@
+"""seg_metrics_update_, the ImageNet-S evaluator, the matching and `luss evaluate`."""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import lusscore.ops  # noqa: F401
+from lusscore.cli import main as luss
+from lusscore.data import read_label_png, write_label_png
+from lusscore.matching import cooccurrence, cost_matrix, load_match, match_to_json
+from lusscore.metrics import KEYS, SegEvaluator, ThresholdSweep
+from lusscore.ops.seg_metrics import band_dilation, munkres_assign, new_accumulators, \
+    seg_metrics_update_
+from lusscore.reference import seg_metrics as ref
+from lusscore.stages.evaluate import evaluate
+from lusscore.utils import LusscoreError
+from python_tests.conftest import requires_cuda
+from python_tests.samples import blocky_label_map, segmentation_pair
+
+FIX = Path(__file__).parent / "fixtures" / "imagenet_s_eval"
+EXPECTED = json.loads((FIX / "expected.json").read_text())
+RUNS = EXPECTED["runs"]
+C = EXPECTED["num_classes"]
+GT_DIR = FIX / "ImageNetS50" / "validation-segmentation"
+
+
+def run_op(pred, gt, num_classes, rows=None, **kw):
+    batch = pred.shape[0] if pred.dim() == 3 else 1
+    acc = new_accumulators(num_classes, rows, batch, device=pred.device)
+    seg_metrics_update_(pred, gt, num_classes, **acc, **kw)
+    return {k: v.cpu() for k, v in acc.items()}
+
+
+def assert_same_as_reference(pred, gt, num_classes, rows, **kw):
+    ours = run_op(pred, gt, num_classes, rows, **kw)
+    want = ref.seg_metrics_update(pred.cpu(), gt.cpu(), num_classes, rows, **kw)
+    for k in want:
+        assert torch.equal(ours[k].reshape(want[k].shape), want[k]), k
+
+
+# ------------------------------------------------------------------ the op
+@pytest.mark.parametrize("h,w", [(1, 5), (7, 9), (33, 17), (90, 120), (150, 200), (210, 280)])
+def test_op_matches_reference(device, h, w):
+    for seed, labels in enumerate([(0, 3), (0, 1, 2, 5), (0, 1, 2, 3, 4, 5, 6)]):
+        gt = blocky_label_map(h, w, labels, block=5, seed=seed, ignore_frac=0.03)
+        pred = blocky_label_map(h, w, labels + (9, 31), block=4, seed=seed + 10)
+        pred[0, 0] = 12  # an id beyond C with its own row, and one beyond the rows
+        pred[-1, -1] = 40
+        assert_same_as_reference(pred.to(device), gt.to(device), 8, rows=20)
+
+
+@pytest.mark.parametrize("h,w,d", [(210, 280, 10), (330, 440, 16), (90, 120, 4), (150, 200, 8),
+                                   (333, 500, 18)])
+def test_dilation_rounds_half_to_even(h, w, d):
+    assert band_dilation(h, w) == d == ref.band_dilation(h, w)
+
+
+@pytest.mark.parametrize("h,w", [(90, 120), (210, 280), (31, 47)])
+def test_band_against_erosion(device, h, w):
+    """Boundary confusion diagonal = per-label band areas of the direct erosion reference."""
+    torch.manual_seed(h)
+    for labels in [(0, 1), (0, 1, 2, 3, 1000)]:
+        lab = blocky_label_map(h, w, labels, block=7, seed=w)
+        acc = run_op(lab.to(device), torch.zeros_like(lab).to(device), 3, rows=1001)
+        band = ref.band_map(lab)
+        # pred rows in band vs not: row 1001 collects pixels outside the band
+        in_band = acc["boundary_conf"][0, :1001].sum().item()
+        assert in_band == int(band.sum())
+        for u in labels:
+            assert acc["boundary_conf"][0, u].sum().item() == int(band[lab == u].sum())
+
+
+def test_op_batch_dtypes_noncontiguous(device):
+    pairs = [segmentation_pair(40, 60, 4, num_classes=10, seed=s) for s in range(3)]
+    pred = torch.stack([p for p, _ in pairs]).to(device)
+    gt = torch.stack([g for _, g in pairs]).to(device)
+    batch = run_op(pred, gt, 10)
+    single = [run_op(p.to(device), g.to(device), 10) for p, g in pairs]
+    for k in ("region_conf", "boundary_conf"):
+        assert torch.equal(batch[k], sum(s[k] for s in single))
+    for k in ("pred_stats", "gt_hist"):
+        assert torch.equal(batch[k], torch.cat([s[k] for s in single]))
+    # int32 / mixed dtypes and a transposed (non-contiguous) view give the same counts
+    mixed = run_op(pred.int(), gt, 10)
+    assert all(torch.equal(mixed[k], batch[k]) for k in batch)
+    pt = pred.transpose(1, 2).contiguous().transpose(1, 2)  # same values, permuted strides
+    gtt = gt.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not pt.is_contiguous() and not gtt.is_contiguous()
+    nc = run_op(pt, gtt, 10)
+    assert all(torch.equal(nc[k], batch[k]) for k in batch)
+    tr = run_op(pred.transpose(1, 2), gt.transpose(1, 2), 10)
+    want = sum(run_op(p.t().contiguous().to(device), g.t().contiguous().to(device), 10)["region_conf"]
+               for p, g in pairs)
+    assert torch.equal(tr["region_conf"], want)
+
+
+def test_op_lut_relabels_before_bands(device):
+    gt = blocky_label_map(50, 70, (0, 1, 2), block=6, seed=1)
+    pred = blocky_label_map(50, 70, (0, 3, 4, 5), block=6, seed=2)
+    lut = torch.tensor([0, 1, 2, 1, 2, 2])
+    assert_same_as_reference(pred.to(device), gt.to(device), 3, rows=6, pred_lut=lut.to(device))
+    relabelled = lut[pred]
+    a = run_op(pred.to(device), gt.to(device), 3, rows=6, pred_lut=lut.to(device))
+    b = run_op(relabelled.to(device), gt.to(device), 3, rows=6)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_op_empty(device):
+    acc = run_op(torch.zeros(0, 5, 5, dtype=torch.long, device=device),
+                 torch.zeros(0, 5, 5, dtype=torch.long, device=device), 4)
+    assert acc["region_conf"].sum() == 0
+    acc = run_op(torch.zeros(0, 7, dtype=torch.long, device=device),
+                 torch.zeros(0, 7, dtype=torch.long, device=device), 4)
+    assert acc["region_conf"].sum() == 0 and acc["gt_hist"].sum() == 0
+
+
+def test_op_bad_inputs():
+    p = torch.zeros(4, 5, dtype=torch.long)
+    acc = new_accumulators(3)
+    with pytest.raises(RuntimeError, match="same shape"):
+        seg_metrics_update_(p, torch.zeros(4, 6, dtype=torch.long), 3, **acc)
+    with pytest.raises(RuntimeError, match="integer label ids"):
+        seg_metrics_update_(p.float(), p, 3, **acc)
+    with pytest.raises(RuntimeError, match="region_conf must have shape"):
+        seg_metrics_update_(p, p, 5, **acc)
+    with pytest.raises(RuntimeError, match="must have dtype"):
+        seg_metrics_update_(p, p, 3, **{**acc, "boundary_conf": acc["boundary_conf"].int()})
+    with pytest.raises(RuntimeError, match="one \\(H, W\\) label map or a batch"):
+        seg_metrics_update_(p[0], p[0], 3, **acc)
+
+
+def test_opcheck_and_compile():
+    pred, gt = segmentation_pair(20, 30, 3, num_classes=5, seed=3)
+    acc = new_accumulators(5)
+    torch.library.opcheck(torch.ops.lusscore.seg_metrics_update_,
+                          (pred, gt, 5, 1000, 0.03, None, acc["region_conf"],
+                           acc["boundary_conf"], acc["pred_stats"], acc["gt_hist"]))
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def step(p, g, r, b, s, h):
+        torch.ops.lusscore.seg_metrics_update_(p, g, 5, 1000, 0.03, None, r, b, s, h)
+        return r.sum()
+
+    fresh = new_accumulators(5)
+    step(pred, gt, *fresh.values())
+    assert torch.equal(fresh["region_conf"], run_op(pred, gt, 5)["region_conf"])
+
+
+@requires_cuda
+def test_cpu_cuda_parity():
+    for s, n in enumerate([2, 30]):
+        pred, gt = segmentation_pair(375, 500, n, num_classes=919, seed=s)
+        a = run_op(pred, gt, 919)
+        b = run_op(pred.cuda(), gt.cuda(), 919)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# ------------------------------------------------------------------ matching
+def test_munkres_is_optimal_on_ties():
+    from scipy.optimize import linear_sum_assignment
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        n = int(rng.integers(1, 15))
+        cost = rng.integers(0, 3, (n, n)).astype(np.float64)
+        cols = munkres_assign(torch.from_numpy(cost)).numpy()
+        assert sorted(cols.tolist()) == list(range(n))
+        r, c = linear_sum_assignment(cost)
+        assert cost[np.arange(n), cols].sum() == cost[r, c].sum()
+    rect = munkres_assign(torch.tensor([[1.0, 2.0, 0.5], [2.0, 0.1, 3.0]]))
+    assert rect.tolist() == [2, 1]
+
+
+def test_munkres_agrees_with_package_if_installed():
+    munkres = pytest.importorskip("munkres")
+    rng = np.random.default_rng(1)
+    for _ in range(30):
+        n = int(rng.integers(1, 12))
+        cost = rng.integers(0, 3, (n, n)).astype(np.float64)
+        want = dict(munkres.Munkres().compute(cost.tolist()))
+        assert munkres_assign(torch.from_numpy(cost)).tolist() == [want[i] for i in range(n)]
+
+
+def test_cooccurrence_and_cost():
+    n = cooccurrence([np.array([1, 2]), np.array([2, 9]), np.array([])],
+                     [np.array([1]), np.array([2, 3]), np.array([3])], 3)
+    assert n.tolist() == [[1, 0, 0], [1, 1, 1], [0, 0, 0]]
+    cost = cost_matrix(n, 3)
+    assert cost.dtype == np.float32 and cost[1, 1] == np.float32(1) - np.float32(1) / np.float32(3)
+
+
+# ------------------------------------------------------------------ fixtures: official numbers
+@functools.lru_cache(maxsize=None)
+def _maps(pred_dir: str, names_file: str):
+    out = []
+    for line in (FIX / names_file).read_text().split("\n"):
+        if line.strip():
+            lab = line.split()[-1]
+            out.append((read_label_png(FIX / pred_dir / lab), read_label_png(GT_DIR / lab)))
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def _evaluator(pred_dir: str, names_file: str, device: str) -> SegEvaluator:
+    ev = SegEvaluator(C, device=device)
+    for pred, gt in _maps(pred_dir, names_file):
+        ev.update(pred, gt)
+    return ev
+
+
+def assert_official(result: dict, official: dict):
+    for k, want in official.items():
+        got = result[k]
+        if k == "IoUs":
+            assert len(got) == len(want)
+            np.testing.assert_allclose(got, want, atol=1e-3, rtol=0)
+        elif want is None:
+            assert got is None or math.isnan(got), k
+        else:
+            assert abs(got - want) <= 1e-3, (k, got, want)
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_official_numbers_api(device, run):
+    spec = RUNS[run]
+    ev = _evaluator(spec["prediction_dir"], spec["names_file"], str(device))
+    match = load_match(FIX / spec["match_file"]) if spec["match_file"] else None
+    assert_official(ev.compute(match), spec["official"])
+    if run.endswith("__hungarian"):
+        hung = ev.compute("hungarian")
+        assert match_to_json(hung["match"]) == (FIX / spec["match_file"]).read_text()
+        assert_official(hung, spec["official"])
+
+
+@pytest.mark.parametrize("run", sorted(RUNS))
+def test_official_numbers_cli(tmp_path, run):
+    spec = RUNS[run]
+    out = tmp_path / "out.json"
+    match = str(FIX / spec["match_file"]) if spec["match_file"] else "none"
+    args = ["evaluate", "--gt", str(GT_DIR), "--pred", str(FIX / spec["prediction_dir"]),
+            "--names", str(FIX / spec["names_file"]), "--num-classes", str(C), "--match", match,
+            "--json", str(out), "--workers", "0", "--quiet"]
+    if run.endswith("__hungarian"):
+        args[args.index("--match") + 1] = "hungarian"
+        args += ["--save-match", str(tmp_path / "m.json")]
+    assert luss(args) == 0
+    result = json.loads(out.read_text())
+    assert_official(result, spec["official"])
+    if run.endswith("__hungarian"):
+        assert (tmp_path / "m.json").read_bytes() == (FIX / spec["match_file"]).read_bytes()
+
+
+def test_pass_bands_equal_relabelled_predictions():
+    spec = RUNS["split_many_to_one__given_match"]
+    match = load_match(FIX / spec["match_file"])
+    res = evaluate(GT_DIR, FIX / spec["prediction_dir"], C, FIX / spec["names_file"],
+                   str(FIX / spec["match_file"]), pass_bands=True)
+    lut = np.zeros(max(match) + 1, dtype=np.int64)
+    for k, v in match.items():
+        lut[k] = v
+    ev = SegEvaluator(C)
+    for pred, gt in _maps(spec["prediction_dir"], spec["names_file"]):
+        ev.update(lut[pred], gt)
+    want = ev.compute()
+    assert all(res[k] == pytest.approx(want[k], nan_ok=True) for k in KEYS)
+    assert res["mIoU"] == pytest.approx(100.0, abs=1e-6)
+    assert res["mBIoU"] > spec["official"]["mBIoU"] + 1  # fewer split borders in the bands
+
+
+def test_threshold_sweep_matches_separate_runs():
+    maps = _maps("predictions/noisy_boundary", RUNS["noisy_boundary__unmatched"]["names_file"])[:10]
+    rng = np.random.default_rng(0)
+    confs = [rng.random(p.shape).astype(np.float32) for p, _ in maps]
+    sweep = ThresholdSweep(C, [0.0, 0.3, 0.6])
+    for (p, g), conf in zip(maps, confs):
+        sweep.update(p, g, conf)
+    res = sweep.compute("hungarian")
+    for t, got in zip(res["thresholds"], res["results"]):
+        ev = SegEvaluator(C)
+        for (p, g), conf in zip(maps, confs):
+            ev.update(np.where(conf < t, 0, p), g)
+        want = ev.compute("hungarian")
+        assert all(got[k] == pytest.approx(want[k], nan_ok=True) for k in KEYS)
+    assert res["best_threshold"] == 0.0 and res["best"]["mIoU"] == max(
+        r["mIoU"] for r in res["results"])
+
+
+def test_cli_curve(tmp_path):
+    spec = RUNS["noisy_boundary__unmatched"]
+    names = [l.split()[-1] for l in (FIX / spec["names_file"]).read_text().splitlines()][:6]
+    pred_dir = tmp_path / "pred"
+    for n in names:
+        pred = read_label_png(FIX / spec["prediction_dir"] / n)
+        write_label_png(pred_dir / n, pred)
+        np.save(pred_dir / (n[:-4] + ".npy"), np.full(pred.shape, 0.5, dtype=np.float32))
+    (tmp_path / "names.txt").write_text("\n".join(names))
+    out = tmp_path / "o.json"
+    assert luss(["evaluate", "--gt", str(GT_DIR), "--pred", str(pred_dir), "--names",
+                 str(tmp_path / "names.txt"), "--num-classes", str(C), "--curve", "0.4", "0.6",
+                 "0.2", "--workers", "0", "--quiet", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["thresholds"] == [0.4, 0.6]
+    assert res["best_threshold"] == 0.4 and res["results"][1]["FMeasure"] == 0.0
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.fixture()
+def small_set(tmp_path):
+    names = [l.split()[-1] for l in
+             (FIX / RUNS["noisy_boundary__unmatched"]["names_file"]).read_text().splitlines()][:3]
+    gt_dir, pred_dir = tmp_path / "gt", tmp_path / "pred"
+    for n in names:
+        write_label_png(gt_dir / n, read_label_png(GT_DIR / n))
+        write_label_png(pred_dir / n, read_label_png(FIX / "predictions/noisy_boundary" / n))
+    return gt_dir, pred_dir, names
+
+
+def _cli(gt_dir, pred_dir, *extra):
+    return luss(["evaluate", "--gt", str(gt_dir), "--pred", str(pred_dir), "--num-classes",
+                 str(C), "--workers", "0", "--quiet", *extra])
+
+
+def test_missing_predictions_listed(small_set, capsys):
+    gt_dir, pred_dir, names = small_set
+    (pred_dir / names[0]).unlink()
+    (pred_dir / names[2]).unlink()
+    assert _cli(gt_dir, pred_dir) == 2
+    err = capsys.readouterr().err
+    assert "2 prediction file(s) missing" in err and names[0] in err and names[2] in err
+    assert _cli(gt_dir, pred_dir, "--missing-as-background") == 0
+    assert "missing prediction" in capsys.readouterr().out
+
+
+def test_size_mismatch_names_both_sizes(small_set, capsys):
+    gt_dir, pred_dir, names = small_set
+    gt = read_label_png(gt_dir / names[1])
+    write_label_png(pred_dir / names[1], np.zeros((gt.shape[0] + 1, gt.shape[1]), np.int64))
+    assert _cli(gt_dir, pred_dir) == 2
+    err = capsys.readouterr().err
+    assert names[1] in err and f"{gt.shape[0] + 1}x{gt.shape[1]}" in err
+    assert f"{gt.shape[0]}x{gt.shape[1]}" in err
+
+
+@pytest.mark.parametrize("mode", ["L", "P"])
+def test_grayscale_or_palette_png(small_set, capsys, mode):
+    gt_dir, pred_dir, names = small_set
+    Image.new(mode, (10, 10)).save(pred_dir / names[0])
+    assert _cli(gt_dir, pred_dir) == 2
+    err = capsys.readouterr().err
+    assert names[0] in err and "grayscale/palette" in err
+
+
+def test_unreadable_png(small_set, capsys):
+    gt_dir, pred_dir, names = small_set
+    (pred_dir / names[2]).write_bytes(b"not a png")
+    assert _cli(gt_dir, pred_dir) == 2
+    err = capsys.readouterr().err
+    assert names[2] in err and "cannot read" in err
+
+
+def test_match_lacking_an_id(small_set, tmp_path, capsys):
+    gt_dir, pred_dir, names = small_set
+    used = set()
+    for n in names:
+        used |= set(np.unique(read_label_png(pred_dir / n)).tolist())
+    drop = max(used)
+    bad = {str(i): i for i in range(C + 1) if i != drop}
+    (tmp_path / "m.json").write_text(json.dumps(bad))
+    assert _cli(gt_dir, pred_dir, "--match", str(tmp_path / "m.json")) == 2
+    err = capsys.readouterr().err
+    assert "lacks predicted id" in err and str(drop) in err
+
+
+def test_gt_out_of_range_is_an_error():
+    ev = SegEvaluator(5)
+    with pytest.raises(LusscoreError, match="outside 0..5"):
+        ev.update(np.zeros((4, 4), np.int64), np.full((4, 4), 7), names=["x.png"])
+
+
+def test_reset_and_out_of_range_ids():
+    ev = SegEvaluator(3)
+    p = np.array([[0, 1, 255], [4, 2, 2]])
+    g = np.array([[0, 1, 1], [2, 2, 1000]])
+    ev.update(p, g)
+    r = ev.compute()
+    assert r["out_of_range_ids"] == [4, 255]
+    assert r["FMeasure"] > 0
+    with pytest.raises(LusscoreError, match="Hungarian match covers"):
+        ev.compute("hungarian")
+    ev.reset()
+    with pytest.raises(LusscoreError, match="no images"):
+        ev.compute()
+
+
+def _dist_worker(rank, world, init_file, pairs, out_file):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    ev = SegEvaluator(6)
+    for pred, gt in pairs[rank::world]:
+        ev.update(pred, gt)
+    ev.all_reduce()
+    if rank == 0:
+        res = ev.compute()
+        Path(out_file).write_text(json.dumps({k: res[k] for k in KEYS + ("out_of_range_ids",)}))
+    dist.destroy_process_group()
+
+
+def test_distributed_all_reduce(tmp_path):
+    import torch.multiprocessing as mp
+    pairs = [segmentation_pair(30, 40, 4, num_classes=6, seed=s) for s in range(5)]
+    pairs[3][0][0, 0] = 20  # one rank sees a large id: its rows grow, the other's must follow
+    out = tmp_path / "r.json"
+    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), pairs, str(out)), nprocs=2)
+    ev = SegEvaluator(6)
+    for rank in range(2):  # the same images in rank order
+        for pred, gt in pairs[rank::2]:
+            ev.update(pred, gt)
+    want = ev.compute()
+    got = json.loads(out.read_text())
+    for k in KEYS:
+        assert got[k] == pytest.approx(want[k], nan_ok=True), k
+    assert got["out_of_range_ids"] == want["out_of_range_ids"] == [20]
