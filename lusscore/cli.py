@@ -14,6 +14,8 @@ COMMANDS = {
     "synth": ("lusscore.stages.synth", "write a synthetic dataset in the ImageNet-S layout"),
     "demo": ("lusscore.stages.demo", "run every stage on the embedded synthetic dataset"),
     "pretrain": ("lusscore.stages.pretrain", "learn representations: SwAV + P2P + D2S"),
+    "attention": ("lusscore.stages.attention", "train the pixel attention on a frozen backbone"),
+    "cluster": ("lusscore.stages.cluster", "k-means of attention-pooled image features -> centroids"),
     "finetune": ("lusscore.stages.finetune", "fine-tune backbone + (K+1)-way head on pseudo labels"),
     "infer": ("lusscore.stages.infer", "predict validation label maps with the fine-tuned model"),
     "label": ("lusscore.stages.label", "pixel pseudo-labels from the attention model and centroids"),
