@@ -16,9 +16,11 @@ COMMANDS = {
     "pretrain": ("lusscore.stages.pretrain", "learn representations: SwAV + P2P + D2S"),
     "attention": ("lusscore.stages.attention", "train the pixel attention on a frozen backbone"),
     "cluster": ("lusscore.stages.cluster", "k-means of attention-pooled image features -> centroids"),
+    "label": ("lusscore.stages.label", "pixel pseudo-labels from the attention model and centroids"),
+    "sweep-tau": ("lusscore.stages.sweep_tau", "choose tau on validation (pseudo-label mIoU vs tau)"),
     "finetune": ("lusscore.stages.finetune", "fine-tune backbone + (K+1)-way head on pseudo labels"),
     "infer": ("lusscore.stages.infer", "predict validation label maps with the fine-tuned model"),
-    "label": ("lusscore.stages.label", "pixel pseudo-labels from the attention model and centroids"),
+    "run": ("lusscore.stages.run", "run every stage of a config in order, skipping completed ones"),
     "evaluate": ("lusscore.stages.evaluate", "ImageNet-S metrics of prediction PNGs (official numbers)"),
 }
 

@@ -12,7 +12,8 @@ def test_packaged_configs_have_reference_hyperparameters():
     assert s50["pretrain"]["crops"]["counts"] == [2, 6]
     assert s50["pretrain"]["queue_length"] == 2048 and s919["pretrain"]["queue_length"] == 3840
     assert (s50["label"]["tau"], s919["label"]["tau"]) == (0.41, 0.37)
-    assert s919["cluster"] == {"k": 919, "niter": 20, "nredo": 30}
+    assert {k: s919["cluster"][k] for k in ("k", "niter", "nredo")} == {"k": 919, "niter": 20, "nredo": 30}
+    assert s50["attention"]["base_lr"] == 6.0 and s919["attention"]["base_lr"] == 0.6
 
 
 def test_overrides_and_round_trip(tmp_path):

@@ -63,3 +63,15 @@ class ResNetTrunk(tv.ResNet):
         x = self.layer2(self.layer1(x))
         stage3 = self.layer3(x)
         return {"stage3": stage3, "stage4": self.layer4(stage3)}
+
+
+class Stage4(nn.Module):
+    """A trunk seen as images -> stage-4 map, with `out_channels` (what the label stage takes)."""
+
+    def __init__(self, trunk: ResNetTrunk):
+        super().__init__()
+        self.trunk = trunk
+        self.out_channels = trunk.stage4_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.trunk(x)["stage4"]
