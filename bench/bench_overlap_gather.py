@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_tests"))
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT / "python_tests", Path(__file__).resolve().parent, ROOT):
+    sys.path.insert(0, str(path))  # this checkout's lusscore, the bench helpers and samples
 
 from common import parser, peak_memory, time_fn, write_results  # noqa: E402
 from samples import overlap_boxes, overlap_maps  # noqa: E402
