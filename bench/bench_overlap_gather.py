@@ -79,7 +79,8 @@ def main():
                                   channels_last=cl)
                 f2 = overlap_maps(batch, channels, hw, hw, seed=2, dtype=dtype, device=device,
                                   channels_last=cl)
-                grads = [torch.randn(batch, channels, size, size, device=device).to(dtype)] * 2
+                grads = [overlap_maps(batch, channels, size, size, seed=3, dtype=dtype,
+                                      device=device, channels_last=cl)] * 2  # layout of g
                 for name, fn in implementations(pairs, size, (hw, hw)).items():
                     if cl and name != "lusscore":
                         continue  # the peers are timed on their native contiguous layout
