@@ -12,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "python_tests"))
+ROOT = Path(__file__).resolve().parents[1]
+for path in (ROOT / "python_tests", Path(__file__).resolve().parent, ROOT):
+    sys.path.insert(0, str(path))  # this checkout's lusscore, the bench helpers and samples
 
 from common import parser, peak_memory, time_fn, write_results  # noqa: E402
 from samples import overlap_boxes, overlap_maps  # noqa: E402
@@ -78,7 +79,8 @@ def main():
                                   channels_last=cl)
                 f2 = overlap_maps(batch, channels, hw, hw, seed=2, dtype=dtype, device=device,
                                   channels_last=cl)
-                grads = [torch.randn(batch, channels, size, size, device=device).to(dtype)] * 2
+                grads = [overlap_maps(batch, channels, size, size, seed=3, dtype=dtype,
+                                      device=device, channels_last=cl)] * 2  # layout of g
                 for name, fn in implementations(pairs, size, (hw, hw)).items():
                     if cl and name != "lusscore":
                         continue  # the peers are timed on their native contiguous layout

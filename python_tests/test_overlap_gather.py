@@ -43,7 +43,9 @@ def test_matches_grid_sample(device, dtype, cell_centers):
     pairs = overlap_boxes(12, seed=1, device=device)
     f1 = overlap_maps(12, 5, 7, 9, seed=2, dtype=dtype, device=device)
     f2 = overlap_maps(12, 3, 6, 5, seed=3, dtype=dtype, device=device)
-    valid = check_against_reference(f1, f2, pairs, 7, cell_centers)
+    # float64: the kernel's geometry mirrors the reference's to rounding.
+    atol = 1e-10 if dtype == torch.float64 else 1e-5
+    valid = check_against_reference(f1, f2, pairs, 7, cell_centers, atol=atol)
     assert 0 < int(valid.sum()) < 12, "the sample must mix overlapping and disjoint pairs"
 
 

@@ -145,3 +145,27 @@ def test_full_recipe_and_normalisation(tmp_path):
     out = MultiCropTransform(size_crops=(8,), color_p=0, grayscale_p=0, blur_p=0,
                              std_quirk=True)(white).crops[0]
     torch.testing.assert_close(out[0], torch.full((8, 8), (1 - 0.485) / 0.228))
+
+
+def test_views_and_overlap_gather_align_the_same_pixels():
+    # The crops of a coordinate ramp, sampled by overlap_gather with the recorded boxes and
+    # flips, must show the same original-image coordinates in both views.
+    import lusscore.ops as ops
+    torch.manual_seed(3)
+    t = plain_transform(size_crops=(48,), nmb_crops=(2,), min_scale_crops=(0.3,),
+                        max_scale_crops=(1.0,))
+    batch = collate_multicrop([t(ramp_image()) for _ in range(8)])
+    g1, g2, valid = ops.overlap_gather(batch.images[0], batch.images[1], batch.boxes[0],
+                                       batch.boxes[1], batch.flips[0], batch.flips[1], size=5,
+                                       cell_centers=True)
+    assert int(valid.sum()) >= 4
+    scale = (torch.stack(batch.boxes)[..., 2:] / 48).max().item()  # input pixels per crop pixel
+    diff = (g1 - g2)[valid][:, :2].abs().max().item()
+    assert diff < 0.25 * scale + 0.1, diff
+    # Ignoring the flips breaks the alignment wherever one view was mirrored.
+    mixed = valid & (batch.flips[0] != batch.flips[1])
+    assert bool(mixed.any()), "the seeded sample must mirror exactly one view of some pair"
+    h1, h2, _ = ops.overlap_gather(batch.images[0], batch.images[1], batch.boxes[0],
+                                   batch.boxes[1], torch.zeros_like(batch.flips[0]),
+                                   torch.zeros_like(batch.flips[1]), size=5, cell_centers=True)
+    assert (h1 - h2)[mixed][:, 0].abs().max().item() > 1.0

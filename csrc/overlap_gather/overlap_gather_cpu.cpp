@@ -14,6 +14,12 @@ namespace {
 
 constexpr int64_t kChannelBlock = 64;  // channels one task handles (inner, vectorisable loop)
 
+// Tasks per thread chunk so that a chunk holds at least ~32k multiply-adds: tiny inputs run
+// serially instead of paying for a parallel region.
+int64_t grain_for(int64_t work_per_task) {
+  return std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, work_per_task));
+}
+
 // Element strides of a dense (B, C, H, W) map, contiguous or channels-last.
 struct MapStrides {
   int64_t batch, channel, row, col;
@@ -53,7 +59,8 @@ void gather_view(const at::Tensor& f, const at::Tensor& g, bool channels_last,
   const scalar_t* src = f.const_data_ptr<scalar_t>();
   scalar_t* dst = g.mutable_data_ptr<scalar_t>();
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(S * S * 4 * std::min(C, kChannelBlock));
+  at::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
     acc_t acc[kChannelBlock];
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / blocks, c0 = (item % blocks) * kChannelBlock;
@@ -114,7 +121,8 @@ void scatter_view(const at::Tensor& gg, const at::Tensor& gf, bool channels_last
   const scalar_t* src = gg.const_data_ptr<scalar_t>();
   scalar_t* dst = gf.mutable_data_ptr<scalar_t>();
   const int64_t blocks = (C + kChannelBlock - 1) / kChannelBlock;
-  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = grain_for(H * W * 4 * std::min(C, kChannelBlock));
+  at::parallel_for(0, B * blocks, grain, [&](int64_t begin, int64_t end) {
     acc_t acc[kChannelBlock], row[kChannelBlock];
     std::vector<int64_t> xlo(W), xhi(W);
     for (int64_t item = begin; item < end; ++item) {

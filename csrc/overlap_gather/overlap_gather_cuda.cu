@@ -7,6 +7,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -20,7 +21,16 @@ namespace lusscore {
 namespace {
 
 constexpr int kOverlapThreads = 256;
-constexpr int kVectorsPerThread = 4;  // chunk = threads x this many vectors
+constexpr int kVectorsPerThread = 8;  // chunk = threads x this many vectors
+
+using Divider = at::cuda::detail::IntDivider<unsigned int>;
+
+// Divisors of the in-slice index decoding (magic-number division: a few instructions
+// instead of a 64-bit division per element). inner: C (channels-last) or the plane size
+// S*S / H*W (contiguous); cols: S (forward) or W (backward).
+struct SliceDecoder {
+  Divider inner, cols;
+};
 
 template <typename scalar_t, int V>
 struct alignas(sizeof(scalar_t) * V) Pack {
@@ -56,8 +66,8 @@ __device__ inline void load_taps(OverlapTap<acc_t>* taps, const OverlapGeometry&
 template <typename scalar_t, bool kChannelsLast, int V>
 __global__ void __launch_bounds__(kOverlapThreads)
     gather_kernel(const scalar_t* __restrict__ f, scalar_t* __restrict__ g,
-                  bool* __restrict__ valid, OverlapGeometry geo, int view, int64_t B, int64_t C,
-                  int64_t H, int64_t W, int64_t chunk_vecs, int64_t chunks) {
+                  bool* __restrict__ valid, OverlapGeometry geo, SliceDecoder dec, int view,
+                  int64_t B, int64_t C, int64_t H, int64_t W, int64_t chunk_vecs, int64_t chunks) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
   auto* taps = reinterpret_cast<OverlapTap<acc_t>*>(smem);
@@ -74,18 +84,11 @@ __global__ void __launch_bounds__(kOverlapThreads)
     const int64_t end = min(slice_vecs, (chunk + 1) * chunk_vecs);
     for (int64_t vi = chunk * chunk_vecs + threadIdx.x; vi < end; vi += blockDim.x) {
       const int64_t e = vi * V;
-      int64_t c, i, j;
-      if (kChannelsLast) {
-        c = e % C;
-        const int64_t p = e / C;
-        i = p / S;
-        j = p % S;
-      } else {
-        c = e / SS;
-        const int64_t p = e % SS;
-        i = p / S;
-        j = p % S;
-      }
+      // Channels-last: e = p * C + c; contiguous: e = c * SS + p; p = i * S + j.
+      const auto outer = dec.inner.divmod(static_cast<unsigned int>(e));
+      const unsigned int c = kChannelsLast ? outer.mod : outer.div;
+      const auto ij = dec.cols.divmod(kChannelsLast ? outer.div : outer.mod);
+      const unsigned int i = ij.div, j = ij.mod;
       const OverlapTap<acc_t> xt = taps[j], yt = taps[S + i];
       acc_t acc[V];
 #pragma unroll
@@ -100,7 +103,8 @@ __global__ void __launch_bounds__(kOverlapThreads)
           const int x = tx ? xt.i1 : xt.i0;
           if (x < 0) continue;
           const acc_t w = (tx ? xt.w1 : xt.w0) * wy;
-          const int64_t off = kChannelsLast ? (y * W + x) * C + c : c * HW + y * W + x;
+          const int64_t off = kChannelsLast ? (int64_t(y) * W + x) * C + c
+                                            : int64_t(c) * HW + int64_t(y) * W + x;
           const Pack<scalar_t, V> val = *reinterpret_cast<const Pack<scalar_t, V>*>(fb + off);
 #pragma unroll
           for (int k = 0; k < V; ++k) acc[k] += w * static_cast<acc_t>(val.v[k]);
@@ -119,8 +123,8 @@ __global__ void __launch_bounds__(kOverlapThreads)
 template <typename scalar_t, bool kChannelsLast, int V>
 __global__ void __launch_bounds__(kOverlapThreads)
     scatter_kernel(const scalar_t* __restrict__ gg, scalar_t* __restrict__ gf,
-                   OverlapGeometry geo, int view, int64_t B, int64_t C, int64_t H, int64_t W,
-                   int64_t chunk_vecs, int64_t chunks) {
+                   OverlapGeometry geo, SliceDecoder dec, int view, int64_t B, int64_t C,
+                   int64_t H, int64_t W, int64_t chunk_vecs, int64_t chunks) {
   using acc_t = at::opmath_type<scalar_t>;
   extern __shared__ __align__(16) unsigned char smem[];
   const int64_t S = geo.size, SS = S * S, HW = H * W;
@@ -141,18 +145,11 @@ __global__ void __launch_bounds__(kOverlapThreads)
     const int64_t end = min(slice_vecs, (chunk + 1) * chunk_vecs);
     for (int64_t vi = chunk * chunk_vecs + threadIdx.x; vi < end; vi += blockDim.x) {
       const int64_t e = vi * V;
-      int64_t c, y, x;
-      if (kChannelsLast) {
-        c = e % C;
-        const int64_t p = e / C;
-        y = p / W;
-        x = p % W;
-      } else {
-        c = e / HW;
-        const int64_t p = e % HW;
-        y = p / W;
-        x = p % W;
-      }
+      // Channels-last: e = p * C + c; contiguous: e = c * HW + p; p = y * W + x.
+      const auto outer = dec.inner.divmod(static_cast<unsigned int>(e));
+      const unsigned int c = kChannelsLast ? outer.mod : outer.div;
+      const auto yx = dec.cols.divmod(kChannelsLast ? outer.div : outer.mod);
+      const int y = static_cast<int>(yx.div), x = static_cast<int>(yx.mod);
       const int2 xr = ranges[x], yr = ranges[W + y];
       acc_t acc[V];
 #pragma unroll
@@ -168,7 +165,8 @@ __global__ void __launch_bounds__(kOverlapThreads)
           const OverlapTap<acc_t> xt = taps[j];
           if (!overlap_tap_touches(xt, x)) continue;
           const acc_t wx = overlap_tap_weight(xt, x);
-          const int64_t off = kChannelsLast ? (i * S + j) * C + c : c * SS + i * S + j;
+          const int64_t off = kChannelsLast ? (int64_t(i) * S + j) * C + c
+                                            : int64_t(c) * SS + int64_t(i) * S + j;
           const Pack<scalar_t, V> val = *reinterpret_cast<const Pack<scalar_t, V>*>(gb + off);
 #pragma unroll
           for (int k = 0; k < V; ++k) row[k] += wx * static_cast<acc_t>(val.v[k]);
@@ -185,6 +183,16 @@ __global__ void __launch_bounds__(kOverlapThreads)
 }
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// In-slice indices are 32-bit: one batch item of one map must hold < 2^31 elements.
+SliceDecoder slice_decoder(int64_t C, int64_t plane, int64_t cols, bool channels_last) {
+  TORCH_CHECK(C * plane < (int64_t(1) << 31), "overlap_gather: one batch item of a map may ",
+              "hold at most 2^31 - 1 elements, got ", C, " x ", plane);
+  SliceDecoder dec;
+  dec.inner = Divider(static_cast<unsigned int>(std::max<int64_t>(1, channels_last ? C : plane)));
+  dec.cols = Divider(static_cast<unsigned int>(std::max<int64_t>(1, cols)));
+  return dec;
+}
 
 int64_t grid_for(int64_t blocks) {
   const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -211,19 +219,20 @@ void launch_gather(const at::Tensor& f, const at::Tensor& g, bool channels_last,
   const int64_t chunk_vecs = int64_t(kOverlapThreads) * kVectorsPerThread;
   const int64_t chunks = std::max<int64_t>(1, (C * S * S / V + chunk_vecs - 1) / chunk_vecs);
   const size_t smem = shared_bytes(S, H, W, sizeof(OverlapTap<acc_t>), false);
+  const SliceDecoder dec = slice_decoder(C, S * S, S, channels_last);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(grid_for(B * chunks));
   const scalar_t* src = f.const_data_ptr<scalar_t>();
   scalar_t* dst = g.mutable_data_ptr<scalar_t>();
   if (vec) {
     gather_kernel<scalar_t, true, kVec><<<grid, kOverlapThreads, smem, stream>>>(
-        src, dst, valid, geo, view, B, C, H, W, chunk_vecs, chunks);
+        src, dst, valid, geo, dec, view, B, C, H, W, chunk_vecs, chunks);
   } else if (channels_last) {
     gather_kernel<scalar_t, true, 1><<<grid, kOverlapThreads, smem, stream>>>(
-        src, dst, valid, geo, view, B, C, H, W, chunk_vecs, chunks);
+        src, dst, valid, geo, dec, view, B, C, H, W, chunk_vecs, chunks);
   } else {
     gather_kernel<scalar_t, false, 1><<<grid, kOverlapThreads, smem, stream>>>(
-        src, dst, valid, geo, view, B, C, H, W, chunk_vecs, chunks);
+        src, dst, valid, geo, dec, view, B, C, H, W, chunk_vecs, chunks);
   }
   LUSSCORE_CUDA_CHECK_LAUNCH();
 }
@@ -240,19 +249,20 @@ void launch_scatter(const at::Tensor& gg, const at::Tensor& gf, bool channels_la
   const int64_t chunk_vecs = int64_t(kOverlapThreads) * kVectorsPerThread;
   const int64_t chunks = std::max<int64_t>(1, (C * H * W / V + chunk_vecs - 1) / chunk_vecs);
   const size_t smem = shared_bytes(S, H, W, sizeof(OverlapTap<acc_t>), true);
+  const SliceDecoder dec = slice_decoder(C, H * W, W, channels_last);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(grid_for(B * chunks));
   const scalar_t* src = gg.const_data_ptr<scalar_t>();
   scalar_t* dst = gf.mutable_data_ptr<scalar_t>();
   if (vec) {
     scatter_kernel<scalar_t, true, kVec><<<grid, kOverlapThreads, smem, stream>>>(
-        src, dst, geo, view, B, C, H, W, chunk_vecs, chunks);
+        src, dst, geo, dec, view, B, C, H, W, chunk_vecs, chunks);
   } else if (channels_last) {
     scatter_kernel<scalar_t, true, 1><<<grid, kOverlapThreads, smem, stream>>>(
-        src, dst, geo, view, B, C, H, W, chunk_vecs, chunks);
+        src, dst, geo, dec, view, B, C, H, W, chunk_vecs, chunks);
   } else {
     scatter_kernel<scalar_t, false, 1><<<grid, kOverlapThreads, smem, stream>>>(
-        src, dst, geo, view, B, C, H, W, chunk_vecs, chunks);
+        src, dst, geo, dec, view, B, C, H, W, chunk_vecs, chunks);
   }
   LUSSCORE_CUDA_CHECK_LAUNCH();
 }

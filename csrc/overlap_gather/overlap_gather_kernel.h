@@ -101,11 +101,14 @@ LUSSCORE_HOST_DEVICE inline OverlapTap<acc_t> overlap_axis_tap(const double* box
                                                                int64_t size, bool cell_centers,
                                                                int64_t extent) {
   if (!overlap_pair_valid(box1, box2)) return overlap_no_tap<acc_t>();
+  // Selects with constant indices only (a run-time index would put the boxes in local memory).
+  const bool x = axis == 0;
+  const double start1 = x ? box1[0] : box1[1], len1 = x ? box1[2] : box1[3];
+  const double start2 = x ? box2[0] : box2[1], len2 = x ? box2[2] : box2[3];
   double lo, hi;
-  overlap_interval(box1[axis], box1[axis + 2], box2[axis], box2[axis + 2], &lo, &hi);
-  const double* own = view == 0 ? box1 : box2;
-  const double pixel = overlap_sample_pixel(own[axis], own[axis + 2], lo, hi, k, size,
-                                            cell_centers, flip && axis == 0, extent);
+  overlap_interval(start1, len1, start2, len2, &lo, &hi);
+  const double pixel = overlap_sample_pixel(view == 0 ? start1 : start2, view == 0 ? len1 : len2,
+                                            lo, hi, k, size, cell_centers, flip && x, extent);
   return overlap_make_tap<acc_t>(pixel, extent);
 }
 

@@ -7,3 +7,6 @@ from lusscore.data.label_io import (  # noqa: F401
     IGNORE_INDEX, OTHER_INDEX, decode_label_rgb, encode_label_rgb, read_label_png,
     write_label_png, read_image, image_size,
 )
+from lusscore.data.views import (  # noqa: F401
+    MultiCropBatch, MultiCropSample, MultiCropTransform, collate_multicrop,
+)
