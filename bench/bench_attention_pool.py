@@ -95,13 +95,15 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     shapes = ATTENTION_POOL_QUICK_SHAPES if args.quick else ATTENTION_POOL_BENCH_SHAPES
-    impls = [("eager", reference_pooled)]
-    if not args.no_compile:
-        impls.append(("torch.compile", torch.compile(reference_pooled, dynamic=False)))
-    impls.append(("lusscore", ours_pooled))
     peak = peak_bandwidth_gbs(device)
     results = []
     for *shape, dtype in shapes:
+        # A fresh compile per shape: dynamo's recompile limit must not send a case to eager.
+        torch._dynamo.reset()
+        impls = [("eager", reference_pooled)]
+        if not args.no_compile:
+            impls.append(("torch.compile", torch.compile(reference_pooled, dynamic=False)))
+        impls.append(("lusscore", ours_pooled))
         rows = {}
         for name, fn in impls:
             rows[name] = bench_case(name, fn, tuple(shape), dtype, device, args.grad_x)
