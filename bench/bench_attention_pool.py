@@ -1,6 +1,7 @@
 """Benchmark attention_pool: ours vs the eager reference and torch.compile of the reference.
 
-Per shape: forward, backward and forward+backward times and the peak memory of fwd+bwd. As in
+Per shape: forward, backward and forward+backward times, the peak memory of fwd+bwd, and
+the forward with the mean attention (what the label stage calls). As in
 PASS's attention stage, x (the frozen backbone's features) needs no gradient, a and theta do
 (--grad-x adds x). The HBM floor counts 5 passes over B*L*H*W (fwd reads x, a; bwd reads
 x, a and writes grad_a) and the report gives our fwd+bwd's fraction of peak bandwidth.
@@ -36,12 +37,14 @@ def peak_bandwidth_gbs(device) -> float | None:
     return None
 
 
-def reference_pooled(x, a, theta):
-    return reference(x, a, theta)[0]
+def reference_pooled(x, a, theta, mean=False):
+    pooled, mean_att = reference(x, a, theta, mean)
+    return (pooled, mean_att) if mean else pooled
 
 
-def ours_pooled(x, a, theta):
-    return ops.attention_pool(x, a, theta)[0]
+def ours_pooled(x, a, theta, mean=False):
+    pooled, mean_att = ops.attention_pool(x, a, theta, mean)
+    return (pooled, mean_att) if mean else pooled
 
 
 def bench_case(impl_name, fn, shape, dtype, device, grad_x):
@@ -70,9 +73,13 @@ def bench_case(impl_name, fn, shape, dtype, device, grad_x):
         zero()
         out.backward(grad, retain_graph=True)
 
+    def fwd_mean():  # the label stage's call: both outputs, no gradient
+        with torch.no_grad():
+            fn(*inputs, mean=True)
+
     res = {"case": "x".join(map(str, shape)) + f" {str(dtype).split('.')[-1]}", "impl": impl_name,
            "grad_x": grad_x}
-    for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd)):
+    for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd), ("fwd_mean_attention", fwd_mean)):
         res[mode] = common.time_fn(f, device)
     del out
     zero()
@@ -88,13 +95,15 @@ def main():
     args = p.parse_args()
     device = torch.device(args.device)
     shapes = ATTENTION_POOL_QUICK_SHAPES if args.quick else ATTENTION_POOL_BENCH_SHAPES
-    impls = [("eager", reference_pooled)]
-    if not args.no_compile:
-        impls.append(("torch.compile", torch.compile(reference_pooled, dynamic=False)))
-    impls.append(("lusscore", ours_pooled))
     peak = peak_bandwidth_gbs(device)
     results = []
     for *shape, dtype in shapes:
+        # A fresh compile per shape: dynamo's recompile limit must not send a case to eager.
+        torch._dynamo.reset()
+        impls = [("eager", reference_pooled)]
+        if not args.no_compile:
+            impls.append(("torch.compile", torch.compile(reference_pooled, dynamic=False)))
+        impls.append(("lusscore", ours_pooled))
         rows = {}
         for name, fn in impls:
             rows[name] = bench_case(name, fn, tuple(shape), dtype, device, args.grad_x)

@@ -1,5 +1,7 @@
 """Pixel pseudo-label generation: PNGs valid and equal to a slow per-image reference,
 batching by size, resume after an interrupted run, the tau helper and the `luss label` CLI."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -200,6 +202,9 @@ def test_cli_label_with_resnet_checkpoint(dataset, tmp_path, capsys):
         assert lab.shape == (h, w) and lab.max() <= 3
     assert luss(args) == 0
     assert "0 labelled, 6 already done" in capsys.readouterr().out
+    log = (tmp_path / "labels" / "label_log.rank0.jsonl").read_text().splitlines()
+    assert [json.loads(line)["labelled"] for line in log] == [6, 0]
+    assert json.loads(log[0])["tau"] == 0.45
     bad = args[:]
     bad[bad.index(str(tmp_path / "centroids.npy"))] = str(tmp_path / "missing.npy")
     assert luss(bad) == 2

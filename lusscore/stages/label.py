@@ -15,6 +15,7 @@ temporary name and renamed, so a killed run leaves no half-written file. Under t
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -287,3 +288,8 @@ def main(args):
                          writers=args.writers, amp=args.amp, progress=rank == 0)
     print(f"luss label [rank {rank}/{world}]: {stats['labelled']} labelled, {stats['skipped']} "
           f"already done, {stats['images_per_s']:.1f} images/s -> {args.out}")
+    record = {"split": args.split, "tau": float(tau), "rank": rank, "world": world,
+              "checkpoint": str(args.checkpoint), "centroids": str(args.centroids), **stats}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    with open(Path(args.out) / f"label_log.rank{rank}.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")

@@ -1,0 +1,65 @@
+"""Image-level features for the clustering stage (PASS step 3a, without the k-means).
+
+Every image is resized (shorter side 256), centre-cropped (224), ImageNet-normalised and
+passed through the backbone; PixelAttention pools the stage-4 map with its attention and the
+pooled feature is L2-normalised. pool_features picks what is pooled: "raw" (the upsampled,
+unnormalised map: the reference code's clustering, DESIGN.md section 6, the default here) or
+"normalized" (the paper). The k-means driver then clusters these (N, L) rows.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lusscore.data import read_image
+from lusscore.stages.label import IMAGENET_MEAN, IMAGENET_STD, resized_size
+
+
+def load_center_crop(path, resize: int = 256, crop: int = 224) -> torch.Tensor:
+    """(3, crop, crop) float, ImageNet-normalised: shorter side to `resize`, centre crop."""
+    img = read_image(path)
+    h, w = resized_size(img.height, img.width, resize)
+    img = img.resize((w, h), Image.BILINEAR)
+    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
+    img = img.crop((left, top, left + crop, top + crop))
+    t = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
+    return (t - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+
+class _CropSet(torch.utils.data.Dataset):
+    def __init__(self, paths, resize, crop):
+        self.paths, self.resize, self.crop = list(paths), resize, crop
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return load_center_crop(self.paths[i], self.resize, self.crop)
+
+
+@torch.inference_mode()
+def pooled_features(backbone, attention, image_paths, device="cpu", batch_size: int = 64,
+                    workers: int = 0, resize: int = 256, crop: int = 224,
+                    pool_features: str = "raw", amp: bool = False, progress: bool = False) -> torch.Tensor:
+    """(N, L) float32 CPU tensor of L2-normalised attention-pooled features, in input order."""
+    device = torch.device(device)
+    backbone.to(device).eval()
+    attention.to(device).eval()
+    loader = torch.utils.data.DataLoader(_CropSet(image_paths, resize, crop), batch_size=batch_size,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    out = []
+    batches = loader
+    if progress:
+        from tqdm import tqdm
+        batches = tqdm(loader, desc="features", unit="batch")
+    for images in batches:
+        images = images.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            z = backbone(images)
+        pooled = attention(z.float(), return_attention=False, pool_features=pool_features)
+        out.append(F.normalize(pooled.float(), dim=1).cpu())
+    if not out:
+        return torch.zeros(0, attention.channels)
+    return torch.cat(out)
