@@ -1,5 +1,5 @@
-"""Backbones for the label stages: a torchvision ResNet cut after layer4 (output stride 32),
-and the loader of the attention-stage checkpoint."""
+"""Backbones for the label stages (a ResNet trunk giving the stage-4 map) and the loader of
+the attention-stage checkpoint."""
 from __future__ import annotations
 
 import os
@@ -9,24 +9,22 @@ import torch
 from torch import nn
 
 from lusscore.models.pixel_attention import PixelAttention
+from lusscore.models.resnet import ARCHS, ResNetTrunk
 from lusscore.utils import LusscoreError, atomic_path
 
-RESNET_CHANNELS = {"resnet18": 512, "resnet34": 512, "resnet50": 2048, "resnet101": 2048}
+def resnet_backbone(arch: str, width: int = 64, output_stride: int = 32) -> nn.Module:
+    """A randomly initialised ResNet trunk mapping images (B, 3, H, W) to its stage-4 map
+    (B, L, H/s, W/s), with `out_channels` = L; its state_dict keys are torchvision's
+    (conv1.*, layer1.*, ...)."""
+    if arch not in ARCHS:
+        raise LusscoreError(f"unknown backbone {arch!r}; one of {sorted(ARCHS)}")
+    return ResNetTrunk(arch, width=width, output_stride=output_stride, stage4_only=True)
 
 
-def resnet_backbone(arch: str) -> nn.Module:
-    """A randomly initialised torchvision ResNet mapping images (B, 3, H, W) to its stage-4
-    map (B, L, H/32, W/32); its state_dict keys are torchvision's (conv1.*, layer1.*, ...)."""
-    import torchvision
-
-    if arch not in RESNET_CHANNELS:
-        raise LusscoreError(f"unknown backbone {arch!r}; one of {sorted(RESNET_CHANNELS)}")
-    net = getattr(torchvision.models, arch)(weights=None)
-    body = nn.Sequential()
-    for name in ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"):
-        body.add_module(name, getattr(net, name))
-    body.out_channels = RESNET_CHANNELS[arch]
-    return body
+def model_section(config: dict) -> dict:
+    """The backbone keys of a checkpoint config: a run config's `model` section, or the
+    flat form {'arch', 'width'?, 'output_stride'?, 'attention'?}."""
+    return config.get("model", config)
 
 
 def build_attention(config: dict, channels: int) -> PixelAttention:
@@ -58,10 +56,11 @@ def load_attention_checkpoint(path: str | os.PathLike, map_location="cpu"):
         raise LusscoreError(f"{path}: the checkpoint lacks {missing} "
                             "(expected {'backbone', 'attention', 'config'})")
     config = dict(ckpt["config"])
-    arch = config.get("arch")
+    model = model_section(config)
+    arch = model.get("arch")
     if arch is None:
         raise LusscoreError(f"{path}: config has no 'arch' (e.g. 'resnet50')")
-    backbone = resnet_backbone(arch)
+    backbone = resnet_backbone(arch, model.get("width", 64), model.get("output_stride", 32))
     attention = build_attention(config, backbone.out_channels)
     for name, module, state in (("backbone", backbone, ckpt["backbone"]),
                                 ("attention", attention, ckpt["attention"])):

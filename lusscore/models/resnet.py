@@ -2,7 +2,8 @@
 
 With width 64 and output stride 32 the parameters are exactly torchvision's resnet18/50
 (without the classifier), so their state dicts load as they are. A smaller width and an
-output stride of 16 or 8 are options for small images and CPU budgets.
+output stride of 16 or 8 are options for small images and CPU budgets. `stage4_only` makes
+the forward return the stage-4 map alone (what the label and cluster stages take).
 """
 from __future__ import annotations
 
@@ -14,12 +15,13 @@ ARCHS = {
     "resnet18": (tv.BasicBlock, [2, 2, 2, 2]),
     "resnet34": (tv.BasicBlock, [3, 4, 6, 3]),
     "resnet50": (tv.Bottleneck, [3, 4, 6, 3]),
+    "resnet101": (tv.Bottleneck, [3, 4, 23, 3]),
 }
 
 
 class ResNetTrunk(tv.ResNet):
     def __init__(self, arch: str = "resnet50", width: int = 64, output_stride: int = 32,
-                 zero_init_residual: bool = True):
+                 zero_init_residual: bool = True, stage4_only: bool = False):
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; one of {sorted(ARCHS)}")
         if output_stride not in (8, 16, 32):
@@ -43,7 +45,8 @@ class ResNetTrunk(tv.ResNet):
         self.layer4 = self._make_layer(block, width * 8, layers[3], stride=1 if keep4 and not dilate else 2,
                                        dilate=keep4 and dilate)
         self.stage3_channels = width * 4 * block.expansion
-        self.stage4_channels = width * 8 * block.expansion
+        self.stage4_channels = self.out_channels = width * 8 * block.expansion
+        self.stage4_only = stage4_only
         self.output_stride = output_stride
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -58,20 +61,10 @@ class ResNetTrunk(tv.ResNet):
                 elif isinstance(m, tv.BasicBlock):
                     nn.init.zeros_(m.bn2.weight)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         x = self.layer2(self.layer1(x))
         stage3 = self.layer3(x)
-        return {"stage3": stage3, "stage4": self.layer4(stage3)}
+        stage4 = self.layer4(stage3)
+        return stage4 if self.stage4_only else {"stage3": stage3, "stage4": stage4}
 
-
-class Stage4(nn.Module):
-    """A trunk seen as images -> stage-4 map, with `out_channels` (what the label stage takes)."""
-
-    def __init__(self, trunk: ResNetTrunk):
-        super().__init__()
-        self.trunk = trunk
-        self.out_channels = trunk.stage4_channels
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.trunk(x)["stage4"]

@@ -12,58 +12,19 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 from scipy.optimize import linear_sum_assignment
-from torch.utils.data import DataLoader, Dataset
-from torchvision.transforms import v2
-from tqdm import tqdm
 
-from lusscore.checkpoint import load_checkpoint
-from lusscore.cluster import KMeans, l2_normalize
-from lusscore.data.label_io import read_image
-from lusscore.data.segmentation import IMAGENET_MEAN, IMAGENET_STD
-from lusscore.data.views import REFERENCE_STD
-from lusscore.engine import Runtime, autocast
-from lusscore.stages.attention import AttentionModel
+from lusscore.cluster import KMeans
+from lusscore.engine import Runtime
+from lusscore.models.backbone import load_attention_checkpoint
+from lusscore.stages.attention_features import pooled_features
 from lusscore.stages.common import add_run_arguments, dataset_of, start_run
 from lusscore.utils import atomic_path, atomic_write_text
 
 
-class EvalImages(Dataset):
-    def __init__(self, paths, resize: int, crop: int, std):
-        self.paths = list(paths)
-        self.transform = v2.Compose([v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(crop),
-                                     v2.ToDtype(torch.float32, scale=True),
-                                     v2.Normalize(list(IMAGENET_MEAN), list(std))])
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        return self.transform(read_image(self.paths[i]))
-
-
-def load_attention_model(cfg: dict, run_dir: Path, rt: Runtime) -> AttentionModel:
-    model = AttentionModel(cfg)
-    model.load_state_dict(load_checkpoint(run_dir / "attention.pt")["model"])
-    return model.to(rt.device).eval()
-
-
-@torch.no_grad()
-def pooled_features(model: AttentionModel, paths, cfg: dict, rt: Runtime) -> torch.Tensor:
-    ccfg = cfg["cluster"]
-    std = REFERENCE_STD if cfg["pretrain"].get("std_quirk", True) else IMAGENET_STD
-    loader = DataLoader(EvalImages(paths, ccfg.get("resize", 256), ccfg.get("crop", 224), std),
-                        batch_size=ccfg.get("batch_size", 64), num_workers=cfg["data"].get("workers", 0))
-    feats = []
-    for x in tqdm(loader, desc="cluster features", disable=not rt.is_main, leave=False):
-        with autocast(rt):
-            z = model.backbone(x.to(rt.device))["stage4"]
-            # The reference code pools attention x raw features for clustering (a quirk).
-            pooled = model.attention(z, return_attention=False,
-                                     pool_features=ccfg.get("pool_features", "raw"))
-        feats.append(pooled.float().cpu())
-    return torch.cat(feats)
+def load_attention_model(run_dir: Path):
+    """(stage-4 backbone, PixelAttention, config) of <run>/attention.pt."""
+    return load_attention_checkpoint(run_dir / "attention.pt")
 
 
 def nmi(a: np.ndarray, b: np.ndarray) -> float:
@@ -90,8 +51,13 @@ def hungarian_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
 
 def run_cluster(cfg: dict, run_dir: Path, rt: Runtime, samples) -> dict:
     ccfg = cfg["cluster"]
-    model = load_attention_model(cfg, run_dir, rt)
-    feats = l2_normalize(pooled_features(model, [p for p, _ in samples], cfg, rt))
+    backbone, attention, _ = load_attention_model(run_dir)
+    # The reference code pools attention x raw features for clustering (a quirk; the default).
+    feats = pooled_features(backbone, attention, [p for p, _ in samples], device=rt.device,
+                            batch_size=ccfg.get("batch_size", 64), workers=cfg["data"].get("workers", 0),
+                            resize=ccfg.get("resize", 256), crop=ccfg.get("crop", 224),
+                            pool_features=ccfg.get("pool_features", "raw"),
+                            amp=rt.device.type == "cuda", progress=rt.is_main)
     km = KMeans(ccfg["k"], niter=ccfg.get("niter", 20), nredo=ccfg.get("nredo", 1),
                 seed=int(cfg.get("seed", 0)), device=rt.device, progress=rt.is_main)
     km.fit(feats)

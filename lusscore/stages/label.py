@@ -275,7 +275,7 @@ def main(args):
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     backbone, attention, config = load_attention_checkpoint(args.checkpoint)
-    tau = args.tau if args.tau is not None else config.get("tau")
+    tau = args.tau if args.tau is not None else config.get("tau", config.get("label", {}).get("tau"))
     if tau is None:
         raise LusscoreError("no --tau given and the checkpoint config has no 'tau'")
     centroids = load_centroids(args.centroids)

@@ -25,7 +25,6 @@ def log(rt: Runtime, text: str) -> None:
 
 def label_split(cfg: dict, run_dir: Path, rt: Runtime, split: str, tau: float,
                 save_attention: bool) -> dict:
-    from lusscore.models.resnet import Stage4
     from lusscore.stages.cluster import load_attention_model
     from lusscore.stages.label import label_images, plan_items, shard
 
@@ -35,9 +34,9 @@ def label_split(cfg: dict, run_dir: Path, rt: Runtime, split: str, tau: float,
     else:
         images = [s.image for s in ds.segmentation_samples(split)]
     items = plan_items(images, ds.split_dir(split), run_dir / "labels" / split, save_attention)
-    model = load_attention_model(cfg, run_dir, rt)
+    backbone, attention, _ = load_attention_model(run_dir)
     lcfg = cfg["label"]
-    stats = label_images(Stage4(model.backbone), model.attention,
+    stats = label_images(backbone, attention,
                          np.load(run_dir / "cluster" / "centroids.npy"),
                          shard(items, rt.rank, rt.world_size), tau, device=rt.device,
                          batch_size=lcfg.get("batch_size", 32), resize=lcfg.get("resize", 256),
