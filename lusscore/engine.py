@@ -107,10 +107,11 @@ def make_loader(dataset: Dataset, batch_size: int, rt: Runtime, seed: int, shuff
 
 
 def prepare_model(model: nn.Module, rt: Runtime, sync_bn: bool = True) -> nn.Module:
-    """Move to the device; under DDP convert BN to SyncBN and wrap."""
+    """Move to the device; under DDP convert BN to SyncBN (GPU only: PyTorch has no CPU
+    SyncBN, so gloo runs keep per-replica BN statistics) and wrap."""
     model = model.to(rt.device)
     if rt.distributed:
-        if sync_bn:
+        if sync_bn and rt.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)

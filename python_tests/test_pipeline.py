@@ -1,0 +1,135 @@
+"""Every PASS stage end to end on a tiny synthetic set: outputs, resume, DDP, tau sweep."""
+import json
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from lusscore.config import apply_overrides, load_config
+from lusscore.data import ImageNetS, read_label_png
+from lusscore.data.synthetic import SynthConfig, generate_dataset
+from lusscore.engine import Runtime, setup_runtime
+from lusscore.metrics import SegEvaluator
+from lusscore.stages import run as run_stage
+
+TINY = ["model.width=8", "pretrain.epochs=2", "pretrain.batch_size=8", "pretrain.crops.sizes=[48, 24]",
+        "pretrain.queue_length=16", "pretrain.freeze_prototypes_iters=2",
+        "attention.epochs=1", "attention.batch_size=8", "attention.crop=48",
+        "cluster.k=3", "cluster.nredo=2", "cluster.resize=48", "cluster.crop=48", "label.resize=48",
+        "label.sweep=[0.3, 0.6, 0.1]", "finetune.epochs=1", "finetune.batch_size=8", "finetune.crop=48",
+        "finetune.label_size=24", "infer.resize=48", "data.num_classes=3"]
+
+
+@pytest.fixture(scope="module")
+def tiny_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    generate_dataset(root, SynthConfig(classes=3, train_per_class=8, val_per_class=3, semi_per_class=1,
+                                       size=48, seed=2), progress=False)
+    return root
+
+
+def tiny_cfg(root):
+    return apply_overrides(load_config("demo"), TINY + [f"data.root={root}"])
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_root, tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    torch.manual_seed(0)
+    result = run_stage.run_pipeline(tiny_cfg(tiny_root), run, Runtime(torch.device("cpu")))
+    return run, result
+
+
+def test_every_stage_writes_its_outputs(finished_run, tiny_root):
+    run, result = finished_run
+    for name in ("pretrain.pt", "attention.pt", "finetune.pt", "cluster/centroids.npy",
+                 "cluster/summary.json", "sweep_tau.json", "sweep_tau.png", "metrics.json", "match.json",
+                 "pretrain.jsonl", "attention.jsonl", "finetune.jsonl"):
+        assert (run / name).is_file(), name
+    assert np.load(run / "cluster" / "centroids.npy").shape[0] == 3
+    ds = ImageNetS(tiny_root)
+    for split, samples in (("train", [p for p, _ in ds.image_samples("train")]),
+                           ("validation", [s.image for s in ds.segmentation_samples("validation")])):
+        for img in samples:
+            rel = img.relative_to(ds.split_dir(split)).with_suffix(".png")
+            label = read_label_png(run / "labels" / split / rel)
+            assert label.max() <= 3 and label.min() >= 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    for key in ("mIoU", "mBIoU", "Acc", "FMeasure", "S", "MS", "ML", "L"):
+        assert key in metrics
+    assert 0.0 <= result["mIoU"] <= 100.0
+    match = json.loads((run / "match.json").read_text())
+    assert match["0"] == 0 and sorted(match.values()) == [0, 1, 2, 3]
+    log = [json.loads(line) for line in (run / "pretrain.jsonl").read_text().splitlines()]
+    assert {"loss_swav", "loss_d2s", "loss_p2p", "lr"} <= set(log[0])
+
+
+def test_rerun_skips_completed_stages(finished_run, tiny_root, monkeypatch):
+    run, result = finished_run
+    from lusscore.stages import pretrain as pretrain_stage
+
+    def fail(*args, **kwargs):
+        raise AssertionError("a completed stage ran again")
+
+    monkeypatch.setattr(pretrain_stage, "pretrain", fail)
+    monkeypatch.setattr("lusscore.stages.attention.train_attention", fail)
+    monkeypatch.setattr("lusscore.stages.cluster.run_cluster", fail)
+    monkeypatch.setattr("lusscore.stages.finetune.train_segmentation", fail)
+    again = run_stage.run_pipeline(tiny_cfg(tiny_root), run, Runtime(torch.device("cpu")))
+    assert again["mIoU"] == pytest.approx(result["mIoU"])
+
+
+def test_sweep_equals_single_threshold_labelling(finished_run, tiny_root):
+    """Each tau of the sweep scores like labels generated directly with that tau."""
+    run, _ = finished_run
+    from lusscore.stages.label import apply_tau
+    sweep = json.loads((run / "sweep_tau.json").read_text())
+    ds = ImageNetS(tiny_root)
+    for row in sweep["table"]:
+        ev = SegEvaluator(3)
+        for s in ds.segmentation_samples("validation"):
+            raw = torch.from_numpy(read_label_png(run / "labels" / "validation" / s.name))
+            att = torch.from_numpy(np.load((run / "labels" / "validation" / s.name).with_suffix(".npy")))
+            ev.update(apply_tau(raw, att, row["tau"]), read_label_png(s.label))
+        assert ev.compute("hungarian")["mIoU"] == pytest.approx(row["mIoU"], abs=1e-6)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, root, run, section, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    rt = setup_runtime("cpu")
+    cfg = tiny_cfg(root)
+    from lusscore.stages.finetune import build_segmentation_model, label_pairs, train_segmentation
+    from lusscore.stages.pretrain import pretrain
+    ds = ImageNetS(root)
+    train = ds.image_samples("train")
+    if section == "pretrain":
+        model = pretrain(cfg, run, rt, train)
+        out[rank] = {k: v.detach() for k, v in model.backbone.named_parameters()}
+    else:
+        images = {p.relative_to(ds.split_dir("train")).with_suffix("").as_posix(): p for p, _ in train}
+        pairs = label_pairs(root / "train-segmentation", images)
+        model = train_segmentation(cfg, "finetune", pairs, run, rt, build_segmentation_model(cfg, run, "none"))
+        out[rank] = {k: v.detach() for k, v in model.named_parameters()}
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("section", ["pretrain", "finetune"])
+def test_two_process_gloo_ddp(tiny_root, tmp_path, section):
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, _free_port(), tiny_root, tmp_path, section, out), nprocs=2)
+    a, b = out[0], out[1]
+    for k in a:  # DDP keeps the replicas' parameters identical
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
+    state = torch.load(tmp_path / f"{section}.pt", weights_only=True)
+    assert state["done"] and state["epoch"] == (2 if section == "pretrain" else 1)
