@@ -40,7 +40,9 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.integer):
             raise LusscoreError(f"{name} must hold integer label ids, got dtype {x.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(x).astype(np.int64, copy=False))
+        if x.dtype not in (np.int8, np.int16, np.int32, np.int64, np.uint8):
+            x = x.astype(np.int64)
+        return torch.from_numpy(np.ascontiguousarray(x))
     raise LusscoreError(f"{name} must be a torch tensor or a numpy array, got {type(x).__name__}")
 
 

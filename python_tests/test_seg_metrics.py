@@ -248,6 +248,7 @@ def test_official_numbers_cli(tmp_path, run):
             "--json", str(out), "--workers", "0", "--quiet"]
     if run.endswith("__hungarian"):
         args[args.index("--match") + 1] = "hungarian"
+        args[args.index("--workers") + 1] = "2"  # the parallel decoding path
         args += ["--save-match", str(tmp_path / "m.json")]
     assert luss(args) == 0
     result = json.loads(out.read_text())
