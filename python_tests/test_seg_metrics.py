@@ -428,3 +428,11 @@ def test_distributed_all_reduce(tmp_path):
     for k in KEYS:
         assert got[k] == pytest.approx(want[k], nan_ok=True), k
     assert got["out_of_range_ids"] == want["out_of_range_ids"] == [20]
+
+
+def test_pass_bands_with_a_bijective_hungarian_match_change_nothing():
+    spec = RUNS["permuted__hungarian"]
+    res = evaluate(GT_DIR, FIX / spec["prediction_dir"], C, FIX / spec["names_file"],
+                   "hungarian", pass_bands=True)
+    assert match_to_json(res["match"]) == (FIX / spec["match_file"]).read_text()
+    assert_official(res, spec["official"])
