@@ -158,6 +158,40 @@ class SegEvaluator:
             s.gcnt.append(gt_hist[b, gid])
         self.num_images += pred_stats.shape[0]
 
+    # ---------------------------------------------------------------- merging
+    def state(self) -> dict:
+        """A compact, picklable copy of everything accumulated (sparse accumulators)."""
+        def sparse(t):
+            idx = torch.nonzero(t.reshape(-1)).reshape(-1)
+            return idx.cpu().numpy(), t.reshape(-1)[idx].cpu().numpy()
+        return {"rows": self.rows, "num_images": self.num_images,
+                "region": sparse(self.region_conf), "boundary": sparse(self.boundary_conf),
+                "stats": self._stats.arrays(), "out_of_range_ids": sorted(self.out_of_range_ids)}
+
+    def merge(self, state: dict) -> None:
+        """Add another evaluator's state(); its images come after the ones seen so far."""
+        rows = state["rows"]
+        if rows > self.rows:
+            self._grow(rows)
+
+        def add(acc, sparse_part):
+            idx, val = sparse_part
+            if idx.size == 0:
+                return
+            sets, old_rows, cols = acc.shape[0], rows + 1, acc.shape[2]
+            s, rest = np.divmod(idx, old_rows * cols)
+            r, c = np.divmod(rest, cols)
+            r = np.where(r == rows, self.rows, r)  # the overflow row stays last
+            flat = torch.from_numpy((s * (self.rows + 1) + r) * cols + c).to(acc.device)
+            acc.view(-1).index_add_(0, flat, torch.from_numpy(val).to(acc.device))
+            assert sets == 5
+        add(self.region_conf, state["region"])
+        add(self.boundary_conf, state["boundary"])
+        for k, v in state["stats"].items():
+            getattr(self._stats, k).append(v + self.num_images if k in ("img", "gimg") else v)
+        self.num_images += state["num_images"]
+        self.out_of_range_ids.update(state["out_of_range_ids"])
+
     # ---------------------------------------------------------------- distributed
     def all_reduce(self, group=None) -> None:
         """Sum the accumulators of every rank (torch.distributed) into each rank."""

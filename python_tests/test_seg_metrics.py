@@ -436,3 +436,25 @@ def test_pass_bands_with_a_bijective_hungarian_match_change_nothing():
                    "hungarian", pass_bands=True)
     assert match_to_json(res["match"]) == (FIX / spec["match_file"]).read_text()
     assert_official(res, spec["official"])
+
+
+def test_state_merge_equals_one_pass():
+    pairs = [segmentation_pair(30, 40, 4, num_classes=6, seed=s) for s in range(4)]
+    pairs[1][0][0, :3] = torch.tensor([9, 15, -2])  # rows grow in one part only
+    whole, first, second = SegEvaluator(6), SegEvaluator(6), SegEvaluator(6)
+    for i, (p, g) in enumerate(pairs):
+        whole.update(p, g)
+        (first if i < 2 else second).update(p, g)
+    for a, b in ((first, second), (second, first)):
+        merged = SegEvaluator(6)
+        merged.merge(a.state())
+        merged.merge(b.state())
+        assert merged.rows == whole.rows
+        assert torch.equal(merged.region_conf, whole.region_conf)
+        assert torch.equal(merged.boundary_conf, whole.boundary_conf)
+    merged = SegEvaluator(6)
+    merged.merge(first.state())
+    merged.merge(second.state())
+    got, want = merged.compute(), whole.compute()
+    assert all(got[k] == pytest.approx(want[k], nan_ok=True) for k in KEYS)
+    assert got["out_of_range_ids"] == [-2, 9, 15]
