@@ -84,7 +84,7 @@ def bench_image_metrics(device, quick: bool):
     for labels in (2, 30):
         pred, gt = segmentation_pair(h, w, labels, num_classes=num_classes, seed=labels)
         acc = new_accumulators(num_classes, device=device)
-        pd, gd = pred.to(device), gt.to(device)
+        pd, gd = pred.int().to(device), gt.int().to(device)  # int32, as luss evaluate decodes
         case = f"{h}x{w} C={num_classes} labels={labels}"
         t = time_fn(lambda: seg_metrics_update_(pd, gd, num_classes, **acc), device)
         results.append({"case": case, "impl": "lusscore", "per_image_s": t["median_s"], **t})
