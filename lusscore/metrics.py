@@ -334,8 +334,8 @@ def _iou(conf: np.ndarray, target: np.ndarray, num_classes: int, boundary: bool)
     """Per-class IoU (percent) of one confusion set after mapping pred rows by `target`."""
     c = num_classes
     keep = target >= 0
-    mapped = np.zeros((c + 1, conf.shape[1]), dtype=np.int64)
-    np.add.at(mapped, target[keep], conf[keep])
+    mapped = torch.zeros(c + 1, conf.shape[1], dtype=torch.int64).index_add_(
+        0, torch.from_numpy(target[keep]), torch.from_numpy(conf[keep])).numpy()
     inter = mapped[np.arange(c + 1), np.arange(c + 1)].astype(np.float64)
     out_area = mapped.sum(1).astype(np.float64)
     gt_area = conf[:, :c + 1].sum(0).astype(np.float64)
