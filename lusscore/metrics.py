@@ -40,7 +40,9 @@ def _as_tensor(x, name: str) -> torch.Tensor:
     if isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.integer):
             raise LusscoreError(f"{name} must hold integer label ids, got dtype {x.dtype}")
-        return torch.from_numpy(np.ascontiguousarray(x).astype(np.int64, copy=False))
+        if x.dtype not in (np.int8, np.int16, np.int32, np.int64, np.uint8):
+            x = x.astype(np.int64)
+        return torch.from_numpy(np.ascontiguousarray(x))
     raise LusscoreError(f"{name} must be a torch tensor or a numpy array, got {type(x).__name__}")
 
 
@@ -155,6 +157,39 @@ class SegEvaluator:
             s.gid.append(gid)
             s.gcnt.append(gt_hist[b, gid])
         self.num_images += pred_stats.shape[0]
+
+    # ---------------------------------------------------------------- merging
+    def state(self) -> dict:
+        """A compact, picklable copy of everything accumulated (sparse accumulators)."""
+        def sparse(t):
+            idx = torch.nonzero(t.reshape(-1)).reshape(-1)
+            return idx.cpu().numpy(), t.reshape(-1)[idx].cpu().numpy()
+        return {"rows": self.rows, "num_images": self.num_images,
+                "region": sparse(self.region_conf), "boundary": sparse(self.boundary_conf),
+                "stats": self._stats.arrays(), "out_of_range_ids": sorted(self.out_of_range_ids)}
+
+    def merge(self, state: dict) -> None:
+        """Add another evaluator's state(); its images come after the ones seen so far."""
+        rows = state["rows"]
+        if rows > self.rows:
+            self._grow(rows)
+
+        def add(acc, sparse_part):
+            idx, val = sparse_part
+            if idx.size == 0:
+                return
+            old_rows, cols = rows + 1, acc.shape[2]
+            s, rest = np.divmod(idx, old_rows * cols)
+            r, c = np.divmod(rest, cols)
+            r = np.where(r == rows, self.rows, r)  # the overflow row stays last
+            flat = torch.from_numpy((s * (self.rows + 1) + r) * cols + c).to(acc.device)
+            acc.view(-1).index_add_(0, flat, torch.from_numpy(val).to(acc.device))
+        add(self.region_conf, state["region"])
+        add(self.boundary_conf, state["boundary"])
+        for k, v in state["stats"].items():
+            getattr(self._stats, k).append(v + self.num_images if k in ("img", "gimg") else v)
+        self.num_images += state["num_images"]
+        self.out_of_range_ids.update(state["out_of_range_ids"])
 
     # ---------------------------------------------------------------- distributed
     def all_reduce(self, group=None) -> None:
@@ -299,8 +334,8 @@ def _iou(conf: np.ndarray, target: np.ndarray, num_classes: int, boundary: bool)
     """Per-class IoU (percent) of one confusion set after mapping pred rows by `target`."""
     c = num_classes
     keep = target >= 0
-    mapped = np.zeros((c + 1, conf.shape[1]), dtype=np.int64)
-    np.add.at(mapped, target[keep], conf[keep])
+    mapped = torch.zeros(c + 1, conf.shape[1], dtype=torch.int64).index_add_(
+        0, torch.from_numpy(target[keep]), torch.from_numpy(conf[keep])).numpy()
     inter = mapped[np.arange(c + 1), np.arange(c + 1)].astype(np.float64)
     out_area = mapped.sum(1).astype(np.float64)
     gt_area = conf[:, :c + 1].sum(0).astype(np.float64)

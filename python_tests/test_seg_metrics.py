@@ -248,6 +248,7 @@ def test_official_numbers_cli(tmp_path, run):
             "--json", str(out), "--workers", "0", "--quiet"]
     if run.endswith("__hungarian"):
         args[args.index("--match") + 1] = "hungarian"
+        args[args.index("--workers") + 1] = "2"  # the parallel decoding path
         args += ["--save-match", str(tmp_path / "m.json")]
     assert luss(args) == 0
     result = json.loads(out.read_text())
@@ -427,3 +428,33 @@ def test_distributed_all_reduce(tmp_path):
     for k in KEYS:
         assert got[k] == pytest.approx(want[k], nan_ok=True), k
     assert got["out_of_range_ids"] == want["out_of_range_ids"] == [20]
+
+
+def test_pass_bands_with_a_bijective_hungarian_match_change_nothing():
+    spec = RUNS["permuted__hungarian"]
+    res = evaluate(GT_DIR, FIX / spec["prediction_dir"], C, FIX / spec["names_file"],
+                   "hungarian", pass_bands=True)
+    assert match_to_json(res["match"]) == (FIX / spec["match_file"]).read_text()
+    assert_official(res, spec["official"])
+
+
+def test_state_merge_equals_one_pass():
+    pairs = [segmentation_pair(30, 40, 4, num_classes=6, seed=s) for s in range(4)]
+    pairs[1][0][0, :3] = torch.tensor([9, 15, -2])  # rows grow in one part only
+    whole, first, second = SegEvaluator(6), SegEvaluator(6), SegEvaluator(6)
+    for i, (p, g) in enumerate(pairs):
+        whole.update(p, g)
+        (first if i < 2 else second).update(p, g)
+    for a, b in ((first, second), (second, first)):
+        merged = SegEvaluator(6)
+        merged.merge(a.state())
+        merged.merge(b.state())
+        assert merged.rows == whole.rows
+        assert torch.equal(merged.region_conf, whole.region_conf)
+        assert torch.equal(merged.boundary_conf, whole.boundary_conf)
+    merged = SegEvaluator(6)
+    merged.merge(first.state())
+    merged.merge(second.state())
+    got, want = merged.compute(), whole.compute()
+    assert all(got[k] == pytest.approx(want[k], nan_ok=True) for k in KEYS)
+    assert got["out_of_range_ids"] == [-2, 9, 15]

@@ -6,6 +6,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "common/checks.h"
@@ -47,11 +48,20 @@ class Munkres {
     std::fill(col_cov_.begin(), col_cov_.end(), 0);
   }
 
+  // The zero columns of each row, ascending: the matrix only changes in steps 1 and 6.
+  void index_zeros(int64_t i) {
+    zeros_[i].clear();
+    for (int64_t j = 0; j < n_; ++j)
+      if (at(i, j) == 0) zeros_[i].push_back(j);
+  }
+
   int step1() {  // subtract each row's minimum
+    zeros_.assign(n_, {});
     for (int64_t i = 0; i < n_; ++i) {
       T minval = at(i, 0);
       for (int64_t j = 1; j < n_; ++j) minval = at(i, j) < minval ? at(i, j) : minval;
       for (int64_t j = 0; j < n_; ++j) at(i, j) -= minval;
+      index_zeros(i);
     }
     return 2;
   }
@@ -89,15 +99,16 @@ class Munkres {
     int64_t i = i0;
     do {
       if (!row_cov_[i]) {
-        int64_t j = j0;
-        do {
-          if (at(i, j) == 0 && !col_cov_[j]) {
-            row = i;
+        int64_t best = -1;  // position in the scan order j0, j0+1, ..., j0-1 (mod n)
+        for (const int64_t j : zeros_[i]) {
+          if (col_cov_[j]) continue;
+          const int64_t pos = (j - j0 + n_) % n_;
+          if (pos > best) {
+            best = pos;
             col = j;
           }
-          j = (j + 1) % n_;
-        } while (j != j0);
-        if (row == i) return {row, col};
+        }
+        if (best >= 0) return {i, col};
       }
       i = (i + 1) % n_;
     } while (i != i0);
@@ -174,6 +185,7 @@ class Munkres {
         if (!col_cov_[j]) at(i, j) -= minval;
         changed = changed || (row_cov_[i] != 0) != (!col_cov_[j]);
       }
+      index_zeros(i);
     }
     TORCH_CHECK(changed, "munkres_assign: the matrix cannot be solved");
     return 4;
@@ -183,6 +195,7 @@ class Munkres {
   std::vector<T> c_;
   std::vector<int8_t> marked_;
   std::vector<uint8_t> row_cov_, col_cov_;
+  std::vector<std::vector<int64_t>> zeros_;
   int64_t z0_r_ = 0, z0_c_ = 0;
 };
 

@@ -28,44 +28,52 @@ void band_interior(const T* label, int64_t h, int64_t w, int64_t d, uint8_t* inn
   uint8_t* uok = up_ok.data();
   // Serial on purpose: one map is ~1 ms, and callers parallelise across images (decoding
   // workers, batches); per-map thread barriers cost more than they save on busy machines.
-  {
-    const int64_t y0 = 0, y1 = h;
-    std::vector<int32_t> left(w);
-    for (int64_t y = y0; y < y1; ++y) {
-      const T* row = label + y * w;
-      int32_t run = 0;
-      for (int64_t x = 0; x < w; ++x) {
-        run = (x > 0 && row[x] == row[x - 1]) ? run + 1 : 0;
-        left[x] = run;
-      }
-      run = 0;
-      for (int64_t x = w - 1; x >= 0; --x) {
-        run = (x + 1 < w && row[x] == row[x + 1]) ? run + 1 : 0;
-        rok[y * w + x] = (left[x] >= d && run >= d) ? 1 : 0;
+  // Rows: a pixel's row segment [x-d, x+d] is uniform iff its run [a, b] covers it, i.e.
+  // a + d <= x <= b - d.
+  std::fill(rok, rok + n, 0);
+  for (int64_t y = 0; y < h; ++y) {
+    const T* row = label + y * w;
+    uint8_t* ok = rok + y * w;
+    int64_t a = 0;
+    for (int64_t x = 1; x <= w; ++x) {
+      if (x == w || row[x] != row[a]) {
+        if (x - 1 - d >= a + d) std::fill(ok + a + d, ok + x - d, 1);
+        a = x;
       }
     }
   }
-  {
-    const int64_t x0 = 0, x1 = w;
-    const int64_t cols = x1 - x0;
-    std::vector<int32_t> run(cols, 0);
-    for (int64_t y = 0; y < h; ++y) {  // runs of row-uniform, same-label pixels, upwards
-      const int64_t o = y * w + x0;
-      for (int64_t k = 0; k < cols; ++k) {
-        const bool cont = y > 0 && rok[o + k] && rok[o + k - w] && label[o + k] == label[o + k - w];
-        run[k] = cont ? run[k] + 1 : 0;
-        uok[o + k] = (rok[o + k] && run[k] >= d) ? 1 : 0;
-      }
+  // Columns: run lengths of row-uniform pixels continuing the same label, up then down
+  // (branch-free so that the compiler vectorises across x).
+  std::vector<int32_t> run(w, 0);
+  const int32_t dd = static_cast<int32_t>(d);
+  for (int64_t x = 0; x < w; ++x) uok[x] = 0;  // row 0: nothing above
+  for (int64_t y = 1; y < h; ++y) {
+    const int64_t o = y * w;
+    const uint8_t* r0 = rok + o;
+    const uint8_t* r1 = rok + o - w;
+    const T* l0 = label + o;
+    const T* l1 = label + o - w;
+    uint8_t* u = uok + o;
+    for (int64_t x = 0; x < w; ++x) {
+      const int32_t cont = (r0[x] & r1[x]) & static_cast<int32_t>(l0[x] == l1[x]);
+      run[x] = (run[x] + 1) * cont;
+      u[x] = static_cast<uint8_t>(r0[x] & static_cast<uint8_t>(run[x] >= dd));
     }
-    std::fill(run.begin(), run.end(), 0);
-    for (int64_t y = h - 1; y >= 0; --y) {  // and downwards
-      const int64_t o = y * w + x0;
-      for (int64_t k = 0; k < cols; ++k) {
-        const bool cont =
-            y + 1 < h && rok[o + k] && rok[o + k + w] && label[o + k] == label[o + k + w];
-        run[k] = cont ? run[k] + 1 : 0;
-        inner[o + k] = (uok[o + k] && run[k] >= d) ? 1 : 0;
-      }
+  }
+  std::fill(run.begin(), run.end(), 0);
+  for (int64_t x = 0; x < w; ++x) inner[(h - 1) * w + x] = 0;  // last row: nothing below
+  for (int64_t y = h - 2; y >= 0; --y) {
+    const int64_t o = y * w;
+    const uint8_t* r0 = rok + o;
+    const uint8_t* r1 = rok + o + w;
+    const T* l0 = label + o;
+    const T* l1 = label + o + w;
+    const uint8_t* u = uok + o;
+    uint8_t* in = inner + o;
+    for (int64_t x = 0; x < w; ++x) {
+      const int32_t cont = (r0[x] & r1[x]) & static_cast<int32_t>(l0[x] == l1[x]);
+      run[x] = (run[x] + 1) * cont;
+      in[x] = static_cast<uint8_t>(u[x] & static_cast<uint8_t>(run[x] >= dd));
     }
   }
 }

@@ -34,6 +34,7 @@ def band_map(label: torch.Tensor, ratio: float = 0.03) -> torch.Tensor:
 
 
 def size_bucket(n: int, total: int) -> int:
+    """Official bucket: ceil(100.0 * n / N) computed on float32 tensors."""
     s = math.ceil((torch.tensor(n, dtype=torch.float32) * 100.0 / torch.tensor(
         total, dtype=torch.float32)).item())
     return 0 if s <= 5 else 1 if s <= 25 else 2 if s <= 50 else 3

@@ -93,6 +93,32 @@ def _load(job):
     return pred, gt, conf
 
 
+def _evaluate_chunk(task):
+    """Decode and accumulate a run of images in a worker process; return the sparse state."""
+    import torch
+    from lusscore.metrics import SegEvaluator
+    jobs, names, num_classes, kwargs = task
+    torch.set_num_threads(1)
+    ev = SegEvaluator(num_classes, **kwargs)
+    for name, job in zip(names, jobs):
+        pred, gt, _ = _load(job)
+        ev.update(pred, gt, names=[name])
+    return ev.state()
+
+
+def accumulate_in_workers(acc, jobs, names, num_classes, kwargs, workers: int, quiet: bool,
+                          chunk: int = 32) -> None:
+    """CPU path: workers decode AND run the op, so the metric work scales with --workers."""
+    from tqdm import tqdm
+    tasks = [(jobs[i:i + chunk], names[i:i + chunk], num_classes, kwargs)
+             for i in range(0, len(jobs), chunk)]
+    with tqdm(total=len(jobs), unit="img", disable=quiet, desc="evaluate") as bar, \
+            ProcessPoolExecutor(workers) as pool:
+        for state in pool.map(_evaluate_chunk, tasks):  # in order: image indices stay sorted
+            acc.merge(state)
+            bar.update(state["num_images"])
+
+
 def read_pairs(jobs, workers: int, quiet: bool):
     """Yield decoded (pred, gt, conf) in order, decoding in `workers` processes."""
     from tqdm import tqdm
@@ -185,7 +211,12 @@ def evaluate(gt_dir, pred_dir, num_classes: int, names=None, match="none", devic
         acc = SegEvaluator(num_classes, **kwargs)
     jobs = [(str(gt_dir / n), str(pred_dir / n), conf_of(n) if conf_of else None,
              missing_as_background) for n in labels]
-    for name, (pred, gt, conf) in zip(labels, read_pairs(jobs, workers, quiet)):
+    if workers > 0 and curve is None and str(device) == "cpu":
+        accumulate_in_workers(acc, jobs, labels, num_classes, kwargs, workers, quiet)
+        pairs = []
+    else:
+        pairs = zip(labels, read_pairs(jobs, workers, quiet))
+    for name, (pred, gt, conf) in pairs:
         if conf is None:
             acc.update(pred, gt, names=[name])
         else:
@@ -215,7 +246,7 @@ def main(args) -> int:
     if result.get("missing_predictions"):
         print(f"warning: {len(result['missing_predictions'])} missing prediction(s) scored as "
               "all 'other'")
-    if best.get("out_of_range_ids"):
+    if best.get("out_of_range_ids") and best["match"] is None:
         ids = best["out_of_range_ids"]
         print(f"warning: predicted ids outside 0..{args.num_classes}: {ids[:MAX_LISTED]}"
               + (" ..." if len(ids) > MAX_LISTED else "")
