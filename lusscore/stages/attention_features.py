@@ -43,10 +43,13 @@ class _CropSet(torch.utils.data.Dataset):
 def pooled_features(backbone, attention, image_paths, device="cpu", batch_size: int = 64,
                     workers: int = 0, resize: int = 256, crop: int = 224,
                     pool_features: str = "raw", amp: bool = False, progress: bool = False) -> torch.Tensor:
-    """(N, L) float32 CPU tensor of L2-normalised attention-pooled features, in input order."""
+    """(N, L) float32 CPU tensor of L2-normalised attention-pooled features, in input order.
+
+    attention=None pools the stage-4 map by a plain spatial mean (image-level pooling)."""
     device = torch.device(device)
     backbone.to(device).eval()
-    attention.to(device).eval()
+    if attention is not None:
+        attention.to(device).eval()
     loader = torch.utils.data.DataLoader(_CropSet(image_paths, resize, crop), batch_size=batch_size,
                                          num_workers=workers, pin_memory=device.type == "cuda")
     out = []
@@ -58,8 +61,11 @@ def pooled_features(backbone, attention, image_paths, device="cpu", batch_size: 
         images = images.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             z = backbone(images)
-        pooled = attention(z.float(), return_attention=False, pool_features=pool_features)
+        if attention is None:  # image-level pooling (the ablation without attention)
+            pooled = z.float().mean(dim=(2, 3))
+        else:
+            pooled = attention(z.float(), return_attention=False, pool_features=pool_features)
         out.append(F.normalize(pooled.float(), dim=1).cpu())
     if not out:
-        return torch.zeros(0, attention.channels)
+        return torch.zeros(0, backbone.out_channels)
     return torch.cat(out)

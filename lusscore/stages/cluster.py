@@ -2,7 +2,7 @@
 
 Each image is resized (shorter side `cluster.resize`, 256) and centre-cropped
 (`cluster.crop`, 224); its stage-4 map is pooled with the trained pixel attention, L2-
-normalised, and k-means (K clusters, `niter` iterations, best of `nredo` restarts) gives
+normalised (`cluster.pooling: mean` pools without attention, an ablation), and k-means (K clusters, `niter` iterations, best of `nredo` restarts) gives
 <run>/cluster/centroids.npy (K, L), image assignments and, when the folder labels exist,
 NMI and Hungarian accuracy against them (cluster/summary.json).
 """
@@ -19,7 +19,7 @@ from lusscore.engine import Runtime
 from lusscore.models.backbone import load_attention_checkpoint
 from lusscore.stages.attention_features import pooled_features
 from lusscore.stages.common import add_run_arguments, dataset_of, start_run
-from lusscore.utils import atomic_path, atomic_write_text
+from lusscore.utils import LusscoreError, atomic_path, atomic_write_text
 
 
 def load_attention_model(run_dir: Path):
@@ -53,7 +53,11 @@ def run_cluster(cfg: dict, run_dir: Path, rt: Runtime, samples) -> dict:
     ccfg = cfg["cluster"]
     backbone, attention, _ = load_attention_model(run_dir)
     # The reference code pools attention x raw features for clustering (a quirk; the default).
-    feats = pooled_features(backbone, attention, [p for p, _ in samples], device=rt.device,
+    pooling = ccfg.get("pooling", "attention")
+    if pooling not in ("attention", "mean"):
+        raise LusscoreError(f"cluster.pooling must be 'attention' or 'mean', not {pooling!r}")
+    feats = pooled_features(backbone, attention if pooling == "attention" else None,
+                            [p for p, _ in samples], device=rt.device,
                             batch_size=ccfg.get("batch_size", 64), workers=cfg["data"].get("workers", 0),
                             resize=ccfg.get("resize", 256), crop=ccfg.get("crop", 224),
                             pool_features=ccfg.get("pool_features", "raw"),
