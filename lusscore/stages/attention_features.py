@@ -67,5 +67,5 @@ def pooled_features(backbone, attention, image_paths, device="cpu", batch_size: 
             pooled = attention(z.float(), return_attention=False, pool_features=pool_features)
         out.append(F.normalize(pooled.float(), dim=1).cpu())
     if not out:
-        return torch.zeros(0, backbone.out_channels)
+        return torch.zeros(0, attention.channels if attention is not None else backbone.out_channels)
     return torch.cat(out)
