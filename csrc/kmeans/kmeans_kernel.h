@@ -33,15 +33,6 @@ LUSSCORE_HOST_DEVICE inline bool assign_better(T score, int64_t index, T best, i
   return score < best || (score == best && index < best_index);
 }
 
-// What the op returns per row: squared distance (never below 0) or similarity.
-template <typename T>
-LUSSCORE_HOST_DEVICE inline T assign_value(Metric metric, T best, T xnorm) {
-  if (metric == Metric::IP) return -best;
-  const T d = xnorm + best;
-  return d > T(0) ? d : T(0);
-}
-
-
 // ---- Exact refinement of near-ties.
 // The fast scan scores every centroid from a GEMM (rounding depends on the GEMM: BLAS blocking,
 // TF32, bf16). Every centroid whose fast score lies within the GEMM's error bound of the best is
