@@ -35,7 +35,8 @@ def check_assign(x, c, metric, labels, values, gap_rtol=1e-9, vtol=1e-5):
     assert labels.dtype == torch.int64 and labels.shape == (len(x),)
     assert torch.equal(labels.cpu()[clear], rl[clear])
     assert ((labels >= 0) & (labels < len(c))).all()
-    assert torch.allclose(values.cpu().double(), rv, rtol=vtol, atol=vtol * float(scale.max() if len(x) else 1))
+    atol = vtol * float(scale.max() if len(x) else 1)
+    assert torch.allclose(values.cpu().double(), rv, rtol=vtol, atol=atol)
 
 
 # ------------------------------------------------------------------------------ kmeans_assign

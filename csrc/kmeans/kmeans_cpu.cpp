@@ -2,7 +2,8 @@
 //
 // assign: the rows are processed in tiles; for each (row tile, centroid tile) the dot products
 // come from one bounded BLAS GEMM, and a fused pass finds the near-best candidates and re-scores
-// them exactly (kmeans_kernel.h), so no N x K buffer ever exists and ties are exact. update: a stable counting sort by label, then each cluster's rows are
+// them exactly (kmeans_kernel.h), so no N x K buffer ever exists and ties are exact.
+// update: a stable counting sort by label, then each cluster's rows are
 // summed in row order (in double, segment by segment) with no atomics: deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
