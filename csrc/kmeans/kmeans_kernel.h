@@ -50,6 +50,13 @@ inline double canon_add(double a, double b) { return a + b; }
 inline double canon_mul(double a, double b) { return a * b; }
 #endif
 
+// Rows are widened exactly: half/bf16/float through float, double as is.
+template <typename T>
+LUSSCORE_HOST_DEVICE inline double widen(T v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+LUSSCORE_HOST_DEVICE inline double widen(double v) { return v; }
+
 // Lane `lane`'s partial: squared differences (L2) or products (IP) of the columns
 // lane, lane + 32, ..., in increasing order.
 template <typename x_t, typename c_t>
@@ -57,8 +64,8 @@ LUSSCORE_HOST_DEVICE inline double canonical_partial(Metric metric, const x_t* x
                                                      int64_t d, int lane) {
   double acc = 0.0;
   for (int64_t j = lane; j < d; j += kCanonicalLanes) {
-    const double xv = static_cast<double>(static_cast<float>(x[j]));
-    const double cv = static_cast<double>(c[j]);
+    const double xv = widen(x[j]);
+    const double cv = widen(c[j]);
     if (metric == Metric::L2) {
       const double diff = xv - cv;
       acc = canon_add(acc, canon_mul(diff, diff));
