@@ -18,6 +18,7 @@
 #include <cub/device/device_radix_sort.cuh>
 
 #include <algorithm>
+#include <cstdlib>
 #include <limits>
 
 #include "common/cuda_utils.cuh"
@@ -29,7 +30,16 @@ namespace {
 
 using kmeans::Metric;
 
-constexpr int64_t kScoreBufferElems = int64_t(1) << 26;  // 256 MB of fp32 scores
+// The GEMM score buffer: 256 MB by default. LUSSCORE_KMEANS_SCORE_MB overrides it (a buffer
+// that fits in L2 trades DRAM traffic for more, smaller GEMMs; bench_kmeans.py sweeps it).
+int64_t score_buffer_elems() {
+  int64_t mb = 256;
+  if (const char* env = std::getenv("LUSSCORE_KMEANS_SCORE_MB")) {
+    const long long v = std::atoll(env);
+    if (v > 0) mb = v;
+  }
+  return mb * (int64_t(1) << 20) / int64_t(sizeof(float));
+}
 constexpr int64_t kMaxCentroidTile = 8192;
 constexpr int kWarpsPerBlock = 8;
 
@@ -174,7 +184,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x_in,
     u_in = 0x1p-8;
   }
   const int64_t k_tile = std::min(k, kMaxCentroidTile);
-  const int64_t n_tile = std::min(n, std::max<int64_t>(1024, kScoreBufferElems / k_tile));
+  const int64_t n_tile = std::min(n, std::max<int64_t>(1024, score_buffer_elems() / k_tile));
   const at::Tensor buffer = at::empty({n_tile * k_tile}, x_in.options().dtype(at::kFloat));
   const bool multi_tile = k_tile < k;
   at::Tensor margin, fast, exact;
