@@ -257,6 +257,8 @@ class KMeans:
 
     def _setup(self, x):
         device = self.device or x.device
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current GPU
+            device = torch.device("cuda", torch.cuda.current_device())
         dtype = self.dtype or x.dtype
         if device.type == "cuda" and dtype == torch.float64:
             dtype = torch.float32  # the CUDA kernels take fp32/bf16/fp16
@@ -301,8 +303,8 @@ class KMeans:
 
         self.objectives = []
         best = None
-        checked = source.streaming  # streamed data is checked during the first pass instead
-        if not checked:
+        checked = not source.streaming  # streamed data is checked during its first pass instead
+        if checked:
             self._check_finite(train)
         for redo in range(self.nredo):
             if init_centroids is not None:
