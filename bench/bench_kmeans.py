@@ -11,6 +11,7 @@ the same threads.
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -125,7 +126,8 @@ def fit_case(results, name, x, k, device, dtype, niter):
 def main():
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run)")
-    p.add_argument("--skip-fit", action="store_true")
+    p.add_argument("--skip-fit", action="store_true", help="no full k-means runs")
+    p.add_argument("--no-cpu", action="store_true", help="with --device cuda: skip the CPU case")
     args = p.parse_args()
     device = torch.device(args.device)
     results = []
@@ -140,16 +142,30 @@ def main():
                      repeat=3 if not args.quick else 5, with_compile=n * d <= 2 ** 31 or args.quick)
                 del x, c
                 torch.cuda.empty_cache()
+        # The GEMM score buffer of kmeans_assign: smaller ones stay in L2 but mean smaller GEMMs.
+        n, d, k = (200000, 32, 50) if args.quick else (58_000_000, 128, 919)
+        x, c = make_data(n, d, k, torch.bfloat16, device)
+        for mb in (16, 32, 64, 128, 256, 1024):
+            os.environ["LUSSCORE_KMEANS_SCORE_MB"] = str(mb)
+            t = time_fn(lambda: ops.kmeans_assign(x, c, "l2"), device, warmup=1, repeat=3, min_time=0)
+            results.append({"case": f"assign N={n} D={d} K={k} bf16, score buffer {mb} MB",
+                            "ours_assign_s": t["median_s"]})
+            print(f"assign bf16 N={n} D={d} score buffer {mb:5d} MB: {t['median_s'] * 1e3:9.2f} ms",
+                  flush=True)
+        os.environ.pop("LUSSCORE_KMEANS_SCORE_MB")
+        del x, c
+        torch.cuda.empty_cache()
         if not args.skip_fit:
-            n, d, k = (200000, 32, 50) if args.quick else (58_000_000, 128, 919)
-            host, _ = make_data(n, d, k, torch.float32, torch.device("cpu"))
-            host = host.pin_memory()
+            x, _ = make_data(n, d, k, torch.float32, device)
+            host = torch.empty(n, d, pin_memory=True)
+            host.copy_(x)
+            del x
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             x = host.to(device, non_blocking=True)
             torch.cuda.synchronize()
             upload = time.perf_counter() - t0
-            results.append({"case": f"upload N={n} D={d} fp32", "upload_s": upload})
+            results.append({"case": f"upload N={n} D={d} fp32 (pinned)", "upload_s": upload})
             print(f"upload {upload:.3f} s", flush=True)
             for dtype in (torch.float32, torch.bfloat16):
                 xd = x if dtype == torch.float32 else x.to(dtype)
@@ -157,13 +173,22 @@ def main():
                 del xd
             del x
             torch.cuda.empty_cache()
-            fit_case(results, f"fit from host N={n} D={d} K={k} bf16", host, k, device, torch.bfloat16, 2)
+            fit_case(results, f"fit streamed from host N={n} D={d} K={k} bf16", host, k, device,
+                     torch.bfloat16, 2)
+            del host
+        if not args.no_cpu:  # the CPU kernels against faiss-cpu on this machine's cores
+            cpu = torch.device("cpu")
+            n, d, k = (20000, 32, 50) if args.quick else (1_183_322, 128, 919)
+            x, c = make_data(n, d, k, torch.float32, cpu)
+            case(results, f"N={n} D={d} K={k} float32 cpu ({torch.get_num_threads()} threads)", x, c,
+                 cpu, repeat=3, with_compile=False)
     else:
         n, d, k = (20000, 32, 50) if args.quick else (1_183_322, 128, 919)
         x, c = make_data(n, d, k, torch.float32, device)
         case(results, f"N={n} D={d} K={k} float32 cpu", x, c, device, repeat=3)
         if not args.skip_fit:
-            fit_case(results, f"fit N={n} D={d} K={k} float32 cpu", x, k, device, None, 20 if args.quick else 3)
+            fit_case(results, f"fit N={n} D={d} K={k} float32 cpu", x, k, device, None,
+                     20 if args.quick else 3)
     write_results(args.json, "kmeans", device, results, quick=args.quick,
                   faiss=getattr(faiss, "__version__", None))
 

@@ -91,9 +91,17 @@ def _world() -> tuple[int, int]:
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if _world()[1] > 1:
+    """Sum over ranks (in place where possible), through the device the backend takes: the
+    GPU for NCCL, the CPU otherwise. Returns the result on t's device."""
+    if _world()[1] == 1:
+        return t
+    comm = t.device if dist.get_backend() == "nccl" else torch.device("cpu")
+    if t.device == comm:
         dist.all_reduce(t)
-    return t
+        return t
+    moved = t.to(comm)
+    dist.all_reduce(moved)
+    return moved.to(t.device)
 
 
 class _Source:
@@ -249,6 +257,8 @@ class KMeans:
 
     def _setup(self, x):
         device = self.device or x.device
+        if device.type == "cuda" and device.index is None:  # "cuda" means the current GPU
+            device = torch.device("cuda", torch.cuda.current_device())
         dtype = self.dtype or x.dtype
         if device.type == "cuda" and dtype == torch.float64:
             dtype = torch.float32  # the CUDA kernels take fp32/bf16/fp16
@@ -293,7 +303,9 @@ class KMeans:
 
         self.objectives = []
         best = None
-        checked = False
+        checked = not source.streaming  # streamed data is checked during its first pass instead
+        if checked:
+            self._check_finite(train)
         for redo in range(self.nredo):
             if init_centroids is not None:
                 c = init_centroids.to(device, torch.float32).clone()
@@ -370,11 +382,23 @@ class KMeans:
         if local.any():
             rows = (global_index[local] - offset).to(x.device)
             out[local.to(device)] = x[rows].to(device, torch.float32)
-        if dist.get_backend() != "nccl" and device.type == "cuda":
-            out = _all_reduce(out.cpu()).to(device)
-        else:
-            _all_reduce(out)
-        return out
+        return _all_reduce(out)
+
+    def _check_finite(self, x) -> None:
+        bad = torch.zeros((), dtype=torch.int64, device=x.device)
+        first = None
+        step = max(1, (64 << 20) // max(1, x.shape[1]))
+        for a in range(0, x.shape[0], step):
+            nonfinite = ~torch.isfinite(x[a:a + step]).all(1)
+            if first is None and nonfinite.any():
+                first = a + int(nonfinite.nonzero()[0])
+            bad += nonfinite.sum()
+        n_bad = int(_all_reduce(bad))
+        if n_bad:
+            rank, world = _world()
+            where = "" if first is None else \
+                f" (first at row {first}" + (f" of rank {rank})" if world > 1 else ")")
+            raise LusscoreError(f"KMeans: x has {n_bad} row(s) with NaN or inf values{where}")
 
     def _init_centroids(self, train, offset, n_total, device, redo) -> torch.Tensor:
         k = self.n_clusters
@@ -394,8 +418,10 @@ class KMeans:
                 free = torch.ones(m, dtype=torch.bool)
                 free[chosen] = False
                 nxt = int(free.nonzero()[0])
-            else:
-                nxt = int(torch.multinomial(d2 / total, 1, generator=g))
+            else:  # draw with probability d2 / total
+                u = float(torch.rand((), generator=g, dtype=torch.float64)) * total
+                nxt = min(int(torch.searchsorted(d2.cumsum(0), torch.tensor([u], dtype=torch.float64),
+                                                 right=True)), m - 1)
             chosen.append(nxt)
             d2 = torch.minimum(d2, ((cand - cand[nxt]) ** 2).sum(1).double().cpu())
         return cand[chosen].clone()
@@ -421,16 +447,12 @@ class KMeans:
                 sums += s
                 counts += n
         if check_finite:
-            n_bad = int(_all_reduce(bad.cpu()))
+            n_bad = int(_all_reduce(bad))
             if n_bad:
                 where = f" (first at row {first_bad})" if first_bad is not None else ""
                 raise LusscoreError(f"KMeans: x has {n_bad} row(s) with NaN or inf values{where}")
         if _world()[1] > 1:
-            packed = torch.cat([sums.flatten(), counts.double(), obj.reshape(1)])
-            if dist.get_backend() != "nccl":
-                packed = packed.cpu()
-            _all_reduce(packed)
-            packed = packed.to(device)
+            packed = _all_reduce(torch.cat([sums.flatten(), counts.double(), obj.reshape(1)]))
             sums = packed[:k * d].view(k, d)
             counts = packed[k * d:k * d + k].round().long()
             obj = packed[-1]

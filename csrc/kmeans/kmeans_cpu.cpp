@@ -2,7 +2,8 @@
 //
 // assign: the rows are processed in tiles; for each (row tile, centroid tile) the dot products
 // come from one bounded BLAS GEMM, and a fused pass finds the near-best candidates and re-scores
-// them exactly (kmeans_kernel.h), so no N x K buffer ever exists and ties are exact. update: a stable counting sort by label, then each cluster's rows are
+// them exactly (kmeans_kernel.h), so no N x K buffer ever exists and ties are exact.
+// update: a stable counting sort by label, then each cluster's rows are
 // summed in row order (in double, segment by segment) with no atomics: deterministic.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -61,31 +62,44 @@ void assign_tiles(const at::Tensor& x, const at::Tensor& centroids, Metric metri
     for (int64_t k0 = 0; k0 < k; k0 += k_tile) {
       const int64_t cols = std::min(k_tile, k - k0);
       // d == 0 gives zero dot products (at::mm handles the empty inner dimension).
-      const at::Tensor dots = at::mm(xt, c.narrow(0, k0, cols).t()).contiguous();
-      const scalar_t* dp = dots.data_ptr<scalar_t>();
+      at::Tensor dots = at::mm(xt, c.narrow(0, k0, cols).t()).contiguous();
+      scalar_t* dp = dots.data_ptr<scalar_t>();
+      const scalar_t* cn = cnorm + k0;
       at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
         double partial[kmeans::kCanonicalLanes];
+        constexpr int kMinLanes = 8;  // independent running minima: vectorisable, no reduction chain
         for (int64_t i = begin; i < end; ++i) {
-          const scalar_t* row = dp + i * cols;
-          scalar_t tile_min = std::numeric_limits<scalar_t>::infinity();
-          for (int64_t j = 0; j < cols; ++j) {
-            const scalar_t s = kmeans::assign_score<scalar_t>(metric, row[j], cnorm[k0 + j]);
-            tile_min = s < tile_min ? s : tile_min;
+          scalar_t* row = dp + i * cols;
+          // Pass 1: fast scores, written over the dot products, and their minimum.
+          if (metric == Metric::L2) {
+            for (int64_t j = 0; j < cols; ++j) row[j] = cn[j] - scalar_t(2) * row[j];
+          } else {
+            for (int64_t j = 0; j < cols; ++j) row[j] = -row[j];
           }
+          scalar_t lane_min[kMinLanes];
+          for (int l = 0; l < kMinLanes; ++l) lane_min[l] = std::numeric_limits<scalar_t>::infinity();
+          int64_t j = 0;
+          for (; j + kMinLanes <= cols; j += kMinLanes) {
+            for (int l = 0; l < kMinLanes; ++l) {
+              lane_min[l] = row[j + l] < lane_min[l] ? row[j + l] : lane_min[l];
+            }
+          }
+          for (; j < cols; ++j) lane_min[0] = row[j] < lane_min[0] ? row[j] : lane_min[0];
+          scalar_t tile_min = lane_min[0];
+          for (int l = 1; l < kMinLanes; ++l) tile_min = lane_min[l] < tile_min ? lane_min[l] : tile_min;
           if (!(double(tile_min) <= fast_best[i] + margin[i])) continue;
           const double threshold = std::min(double(tile_min), fast_best[i]) + margin[i];
           fast_best[i] = std::min(double(tile_min), fast_best[i]);
-          // Re-score the near-best candidates exactly; lowest index wins exact ties.
-          for (int64_t j = 0; j < cols; ++j) {
-            const scalar_t s = kmeans::assign_score<scalar_t>(metric, row[j], cnorm[k0 + j]);
-            if (!(double(s) <= threshold)) continue;
+          // Pass 2: re-score the near-best candidates exactly; lowest index wins exact ties.
+          for (int64_t jj = 0; jj < cols; ++jj) {
+            if (!(double(row[jj]) <= threshold)) continue;
             for (int l = 0; l < kmeans::kCanonicalLanes; ++l) {
-              partial[l] = kmeans::canonical_partial(metric, xp + i * d, cp + (k0 + j) * d, d, l);
+              partial[l] = kmeans::canonical_partial(metric, xp + i * d, cp + (k0 + jj) * d, d, l);
             }
             const double exact = kmeans::canonical_score_host(metric, partial);
-            if (kmeans::assign_better<double>(exact, k0 + j, best[i], best_index[i])) {
+            if (kmeans::assign_better<double>(exact, k0 + jj, best[i], best_index[i])) {
               best[i] = exact;
-              best_index[i] = k0 + j;
+              best_index[i] = k0 + jj;
             }
           }
         }

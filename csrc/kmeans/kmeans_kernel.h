@@ -33,15 +33,6 @@ LUSSCORE_HOST_DEVICE inline bool assign_better(T score, int64_t index, T best, i
   return score < best || (score == best && index < best_index);
 }
 
-// What the op returns per row: squared distance (never below 0) or similarity.
-template <typename T>
-LUSSCORE_HOST_DEVICE inline T assign_value(Metric metric, T best, T xnorm) {
-  if (metric == Metric::IP) return -best;
-  const T d = xnorm + best;
-  return d > T(0) ? d : T(0);
-}
-
-
 // ---- Exact refinement of near-ties.
 // The fast scan scores every centroid from a GEMM (rounding depends on the GEMM: BLAS blocking,
 // TF32, bf16). Every centroid whose fast score lies within the GEMM's error bound of the best is
@@ -59,6 +50,13 @@ inline double canon_add(double a, double b) { return a + b; }
 inline double canon_mul(double a, double b) { return a * b; }
 #endif
 
+// Rows are widened exactly: half/bf16/float through float, double as is.
+template <typename T>
+LUSSCORE_HOST_DEVICE inline double widen(T v) {
+  return static_cast<double>(static_cast<float>(v));
+}
+LUSSCORE_HOST_DEVICE inline double widen(double v) { return v; }
+
 // Lane `lane`'s partial: squared differences (L2) or products (IP) of the columns
 // lane, lane + 32, ..., in increasing order.
 template <typename x_t, typename c_t>
@@ -66,8 +64,8 @@ LUSSCORE_HOST_DEVICE inline double canonical_partial(Metric metric, const x_t* x
                                                      int64_t d, int lane) {
   double acc = 0.0;
   for (int64_t j = lane; j < d; j += kCanonicalLanes) {
-    const double xv = static_cast<double>(static_cast<float>(x[j]));
-    const double cv = static_cast<double>(c[j]);
+    const double xv = widen(x[j]);
+    const double cv = widen(c[j]);
     if (metric == Metric::L2) {
       const double diff = xv - cv;
       acc = canon_add(acc, canon_mul(diff, diff));
