@@ -410,7 +410,7 @@ def test_distributed_two_ranks_match_one(init):
     out = manager.dict()
     mp.spawn(_dist_worker, args=(2, _free_port(), x, kwargs, out), nprocs=2, join=True)
     (c0, h0, l0), (c1, h1, l1) = out[0], out[1]
-    assert torch.equal(c0, c1)  # all ranks identical
+    assert torch.equal(c0, c1) and h0 == h1  # all ranks identical, objective history included
     assert torch.allclose(c0, single.centroids, atol=1e-5)
     assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(h0, single.objective_history))
     assert torch.equal(torch.cat([l0, l1]), single.labels_)
