@@ -36,3 +36,18 @@ def test_pooled_features_match_per_image_reference(tmp_path):
                 want = F.normalize((c * (up if mode == "raw" else x)).mean(dim=(2, 3)), dim=1)[0]
             torch.testing.assert_close(feats[i], want, atol=1e-5, rtol=1e-4)
     assert pooled_features(backbone, attention, []).shape == (0, 16)
+    mean = pooled_features(backbone, None, paths[:2], batch_size=2, resize=64, crop=48)
+    for i, p in enumerate(paths[:2]):  # image-level pooling: the plain spatial mean
+        with torch.no_grad():
+            want = F.normalize(backbone(load_center_crop(p, 64, 48)[None]).mean(dim=(2, 3)), dim=1)[0]
+        torch.testing.assert_close(mean[i], want, atol=1e-5, rtol=1e-4)
+
+
+def test_cluster_scores():
+    from lusscore.stages.cluster import hungarian_accuracy, nmi
+    truth = np.array([1, 1, 2, 2, 3, 3])
+    assert nmi(np.array([5, 5, 0, 0, 7, 7]), truth) == 1.0  # a relabelled perfect clustering
+    assert hungarian_accuracy(np.array([2, 2, 0, 0, 1, 1]), truth) == 1.0
+    assert hungarian_accuracy(np.array([0, 0, 0, 0, 1, 1]), truth) == 4 / 6
+    assert nmi(np.zeros(6, int), truth) == 0.0
+    assert 0.0 < nmi(np.array([0, 0, 0, 1, 1, 1]), truth) < 1.0

@@ -6,11 +6,7 @@
 
 #include <cmath>
 
-#ifdef __CUDACC__
-#define LUSSCORE_HOST_DEVICE __host__ __device__
-#else
-#define LUSSCORE_HOST_DEVICE
-#endif
+#include "common/host_device.h"
 
 namespace lusscore {
 

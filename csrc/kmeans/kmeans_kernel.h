@@ -3,11 +3,7 @@
 
 #include <cstdint>
 
-#ifdef __CUDACC__
-#define LUSSCORE_HOST_DEVICE __host__ __device__
-#else
-#define LUSSCORE_HOST_DEVICE
-#endif
+#include "common/host_device.h"
 
 namespace lusscore {
 namespace kmeans {

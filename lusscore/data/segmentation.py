@@ -11,9 +11,8 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from lusscore.data.label_io import read_image, read_label_png
+from lusscore.data.views import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def to_normalized_tensor(img, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:

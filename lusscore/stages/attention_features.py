@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lusscore.data import read_image
-from lusscore.stages.label import IMAGENET_MEAN, IMAGENET_STD, resized_size
+from lusscore.data.views import IMAGENET_MEAN, IMAGENET_STD
+from lusscore.stages.label import resized_size
 
 
 def load_center_crop(path, resize: int = 256, crop: int = 224) -> torch.Tensor:

@@ -29,11 +29,10 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lusscore.data import ImageNetS, image_size, read_image, write_label_png
+from lusscore.data.views import IMAGENET_MEAN, IMAGENET_STD
 from lusscore.ops.attention_pool import attention_pool
 from lusscore.utils import LusscoreError, atomic_path
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 @dataclass(frozen=True)
