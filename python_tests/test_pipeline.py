@@ -115,7 +115,7 @@ def _ddp_worker(rank, world, port, root, run, section, out):
     train = ds.image_samples("train")
     if section == "pretrain":
         model = pretrain(cfg, run, rt, train)
-        out[rank] = {k: v.detach() for k, v in model.backbone.named_parameters()}
+        out[rank] = {k: v.detach() for k, v in model.named_parameters()}  # P2P and D2S too
     else:
         images = {p.relative_to(ds.split_dir("train")).with_suffix("").as_posix(): p for p, _ in train}
         pairs = label_pairs(root / "train-segmentation", images)
@@ -133,3 +133,31 @@ def test_two_process_gloo_ddp(tiny_root, tmp_path, section):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
     state = torch.load(tmp_path / f"{section}.pt", weights_only=True)
     assert state["done"] and state["epoch"] == (2 if section == "pretrain" else 1)
+
+
+def test_pretrain_resume_after_crash_matches_uninterrupted(tiny_root, tmp_path, monkeypatch):
+    from lusscore.engine import StageCheckpoint
+    from lusscore.stages.pretrain import pretrain
+    cfg = tiny_cfg(tiny_root)
+    train = ImageNetS(tiny_root).image_samples("train")
+    rt = Runtime(torch.device("cpu"))
+    torch.manual_seed(1)
+    full = pretrain(cfg, tmp_path / "a", rt, train).state_dict()
+
+    original = StageCheckpoint.save
+
+    def save_then_crash(self, state, done=False):
+        original(self, state, done)
+        raise KeyboardInterrupt("simulated crash after an epoch")
+
+    monkeypatch.setattr(StageCheckpoint, "save", save_then_crash)
+    torch.manual_seed(1)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(cfg, tmp_path / "b", rt, train)
+    monkeypatch.setattr(StageCheckpoint, "save", original)
+    state = torch.load(tmp_path / "b" / "pretrain.pt", weights_only=True)
+    assert state["epoch"] == 1 and state["queue"] is not None
+    torch.manual_seed(123)  # the checkpoint's RNG state must win over the caller's
+    resumed = pretrain(cfg, tmp_path / "b", rt, train).state_dict()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
