@@ -23,7 +23,7 @@ from lusscore.losses.swav import Prototypes
 from lusscore.models import ProjectionHead, ResNetTrunk
 from lusscore.models.pixel_attention import PixelAttention
 from lusscore.optim import LARS, cosine_schedule
-from lusscore.stages.common import add_run_arguments, dataset_of, start_run
+from lusscore.stages.common import add_run_arguments, dataset_of, run_training_stage
 from lusscore.stages.pretrain import ImageFiles, SwAVQueue, pass_losses, queue_state
 from lusscore.utils import LusscoreError
 
@@ -131,16 +131,9 @@ def train_attention(cfg: dict, run_dir: Path, rt: Runtime, samples) -> Attention
     return unwrap(model)
 
 
-def add_arguments(parser):
-    add_run_arguments(parser)
+add_arguments = add_run_arguments
 
 
 def main(args):
-    cfg, run_dir, rt = start_run(args)
-    ck = StageCheckpoint(run_dir, "attention", rt, cfg)
-    if ck.is_done():
-        print(f"attention: {ck.path} is complete")
-        return
-    train_attention(cfg, run_dir, rt, dataset_of(cfg).image_samples("train"))
-    if rt.is_main:
-        print(f"attention: wrote {ck.path}")
+    run_training_stage(args, "attention", lambda cfg, run_dir, rt: train_attention(
+        cfg, run_dir, rt, dataset_of(cfg).image_samples("train")))

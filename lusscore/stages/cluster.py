@@ -2,7 +2,8 @@
 
 Each image is resized (shorter side `cluster.resize`, 256) and centre-cropped
 (`cluster.crop`, 224); its stage-4 map is pooled with the trained pixel attention, L2-
-normalised (`cluster.pooling: mean` pools without attention, an ablation), and k-means (K clusters, `niter` iterations, best of `nredo` restarts) gives
+normalised (`cluster.pooling: mean` pools without attention, an ablation), and k-means
+(K clusters, `niter` iterations, best of `nredo` restarts) gives
 <run>/cluster/centroids.npy (K, L), image assignments and, when the folder labels exist,
 NMI and Hungarian accuracy against them (cluster/summary.json).
 """

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from lusscore.config import apply_overrides, load_config, save_config
 from lusscore.data import ImageNetS
-from lusscore.engine import Runtime, seed_everything, setup_runtime
+from lusscore.engine import Runtime, StageCheckpoint, seed_everything, setup_runtime
 from lusscore.utils import LusscoreError
 
 RUN_CONFIG = "config.yaml"
@@ -46,3 +46,16 @@ def dataset_of(cfg: dict) -> ImageNetS:
     if not root:
         raise LusscoreError("the config has no data.root: set it with --set data.root=PATH")
     return ImageNetS(root, num_classes=cfg["data"].get("num_classes"))
+
+
+def run_training_stage(args, stage: str, train) -> None:
+    """A training stage's command: skip it when <run>/<stage>.pt is complete, else
+    train(cfg, run_dir, rt) (which resumes from the last saved epoch)."""
+    cfg, run_dir, rt = start_run(args)
+    ck = StageCheckpoint(run_dir, stage, rt, cfg)
+    if ck.is_done():
+        print(f"{stage}: {ck.path} is complete")
+        return
+    train(cfg, run_dir, rt)
+    if rt.is_main:
+        print(f"{stage}: wrote {ck.path}")

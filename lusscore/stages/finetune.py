@@ -19,7 +19,7 @@ from lusscore.engine import (JsonlLog, Runtime, StageCheckpoint, autocast, make_
                              set_lr, unwrap)
 from lusscore.models import ResNetTrunk, SegmentationHead
 from lusscore.optim import LARS, cosine_schedule
-from lusscore.stages.common import add_run_arguments, dataset_of, start_run
+from lusscore.stages.common import add_run_arguments, dataset_of, run_training_stage
 from lusscore.utils import LusscoreError
 
 IGNORE_INDEX = 1000
@@ -113,21 +113,17 @@ def train_segmentation(cfg: dict, section: str, pairs, run_dir: Path, rt: Runtim
     return unwrap(model)
 
 
-def add_arguments(parser):
-    add_run_arguments(parser)
-
-
-def main(args):
-    cfg, run_dir, rt = start_run(args)
-    ck = StageCheckpoint(run_dir, "finetune", rt, cfg)
-    if ck.is_done():
-        print(f"finetune: {ck.path} is complete")
-        return
+def finetune(cfg: dict, run_dir: Path, rt: Runtime) -> nn.Module:
     ds = dataset_of(cfg)
     images = {p.relative_to(ds.split_dir("train")).with_suffix("").as_posix(): p
               for p, _ in ds.image_samples("train")}
     pairs = label_pairs(run_dir / "labels" / "train", images)
     model = build_segmentation_model(cfg, run_dir, cfg["finetune"].get("init", "pretrain"))
-    train_segmentation(cfg, "finetune", pairs, run_dir, rt, model)
-    if rt.is_main:
-        print(f"finetune: wrote {ck.path}")
+    return train_segmentation(cfg, "finetune", pairs, run_dir, rt, model)
+
+
+add_arguments = add_run_arguments
+
+
+def main(args):
+    run_training_stage(args, "finetune", finetune)

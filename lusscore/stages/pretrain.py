@@ -22,7 +22,7 @@ from lusscore.losses.p2p import P2PLoss
 from lusscore.losses.swav import Prototypes, sinkhorn, swapped_prediction_loss
 from lusscore.models import D2SHead, ProjectionHead, ResNetTrunk
 from lusscore.optim import LARS, cosine_schedule
-from lusscore.stages.common import add_run_arguments, dataset_of, start_run
+from lusscore.stages.common import add_run_arguments, dataset_of, run_training_stage
 
 N_LARGE = 2  # codes come from the two large crops
 
@@ -202,16 +202,9 @@ def pretrain(cfg: dict, run_dir: Path, rt: Runtime, samples: list[tuple[Path, in
     return core
 
 
-def add_arguments(parser):
-    add_run_arguments(parser)
+add_arguments = add_run_arguments
 
 
 def main(args):
-    cfg, run_dir, rt = start_run(args)
-    ck = StageCheckpoint(run_dir, "pretrain", rt, cfg)
-    if ck.is_done():
-        print(f"pretrain: {ck.path} is complete")
-        return
-    pretrain(cfg, run_dir, rt, dataset_of(cfg).image_samples("train"))
-    if rt.is_main:
-        print(f"pretrain: wrote {ck.path}")
+    run_training_stage(args, "pretrain", lambda cfg, run_dir, rt: pretrain(
+        cfg, run_dir, rt, dataset_of(cfg).image_samples("train")))

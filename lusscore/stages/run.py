@@ -78,7 +78,7 @@ def _plain(obj):
 def run_pipeline(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
     from lusscore.stages.attention import train_attention
     from lusscore.stages.cluster import run_cluster
-    from lusscore.stages.finetune import build_segmentation_model, label_pairs, train_segmentation
+    from lusscore.stages.finetune import finetune
     from lusscore.stages.infer import predict_split
     from lusscore.stages.pretrain import pretrain
     from lusscore.stages.sweep_tau import format_sweep, run_sweep
@@ -119,11 +119,8 @@ def run_pipeline(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
     if StageCheckpoint(run_dir, "finetune", rt, cfg).is_done():
         log(rt, "finetune: complete, skipped")
     else:
-        images = {p.relative_to(ds.split_dir("train")).with_suffix("").as_posix(): p for p, _ in train}
-        pairs = label_pairs(run_dir / "labels" / "train", images)
-        log(rt, f"finetune: {cfg['finetune']['epochs']} epochs on {len(pairs)} pseudo-labelled images")
-        model = build_segmentation_model(cfg, run_dir, cfg["finetune"].get("init", "pretrain"))
-        train_segmentation(cfg, "finetune", pairs, run_dir, rt, model)
+        log(rt, f"finetune: {cfg['finetune']['epochs']} epochs on the pseudo-labelled train images")
+        finetune(cfg, run_dir, rt)
 
     from lusscore.stages.infer import load_segmentation_model
     model = load_segmentation_model(cfg, run_dir, rt)
