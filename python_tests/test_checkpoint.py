@@ -40,3 +40,14 @@ def test_atomic_and_errors(tmp_path):
     (tmp_path / "torn.pt").write_bytes(b"\x80\x02garbage")
     with pytest.raises(LusscoreError, match="torn.pt: cannot read checkpoint"):
         load_checkpoint(tmp_path / "torn.pt")
+
+
+def test_atomic_write_keeps_the_usual_file_mode(tmp_path):
+    import stat
+
+    from lusscore.utils import atomic_write_text
+
+    (tmp_path / "plain.txt").write_text("x")
+    atomic_write_text(tmp_path / "atomic.txt", "x")
+    mode = stat.S_IMODE((tmp_path / "atomic.txt").stat().st_mode)
+    assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode), oct(mode)
