@@ -15,6 +15,7 @@ import datetime
 import html
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,6 +170,12 @@ def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
+    _readable(path)
+
+
+def _readable(path: Path) -> None:
+    # The temporary files of atomic_path are private (0600); a page is meant to be shared.
+    os.chmod(path, 0o644)
 
 
 def _pyplot():
@@ -276,7 +283,7 @@ def iou_figure(ious: list, names: list[str], title: str, path: Path, top: int) -
     missing = len(ious) - len(scored)
     if missing:
         caption += f"; {missing} class(es) without a score (absent from GT and prediction)"
-    fig, ax = plt.subplots(figsize=(6, 0.6 + 0.18 * max(len(shown), 3)), dpi=100)
+    fig, ax = plt.subplots(figsize=(6, 1.0 + 0.18 * max(len(shown), 4)), dpi=100)
     y = np.arange(len(shown))[::-1]
     vals = [0.0 if v is None else v for v, _ in shown]
     colours = ["#bbbbbb" if n == "other" else "#3b75af" for _, n in shown]
@@ -463,7 +470,7 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
                          ("hungarian_accuracy", "cluster Hungarian accuracy (image level)")):
             if isinstance(c.get(k), (int, float)):
                 rows_summary.append([label, f"{100 * c[k]:.1f}%"])
-    parts += ["<h2>Run summary</h2>", _table(["", ""], rows_summary)]
+    parts += ["<h2>Run summary</h2>", _table(["setting", "value"], rows_summary)]
     if dataset_note:
         parts.append(f'<p class="missing">{_e(dataset_note)}: no class names and no image grid.</p>')
 
@@ -602,6 +609,7 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
     index = out / "index.html"
     atomic_write_text(index, page)
+    _readable(index)
     # Figures of an earlier report that this one no longer has (e.g. a removed protocol).
     for old in out.glob("*.png"):
         if old.name not in written:

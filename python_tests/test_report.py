@@ -123,6 +123,7 @@ def test_report_of_a_run(tiny_root, tmp_path):
     add_protocol(run, "semi", 61.237)
     index = write_report(run)
     assert index == run / "report" / "index.html"
+    assert index.stat().st_mode & 0o777 == 0o644  # readable by whoever is shown the page
     page = index.read_text()
     links = links_of(index)
     assert links, "the page links its figures"
