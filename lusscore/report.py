@@ -594,7 +594,7 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
         except (LusscoreError, FileNotFoundError) as e:
             drawn, error = 0, str(e)
         else:
-            error = "no validation images in the dataset"
+            error = "no validation images in the dataset" if rows > 0 else "0 rows asked for"
         if drawn:
             written.add("grid.png")
             parts.append(_figure("grid.png", f"{drawn} validation images: image, ground truth, pseudo "

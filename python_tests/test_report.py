@@ -163,6 +163,8 @@ def test_missing_protocols_and_files_are_reported(tiny_root, tmp_path):
     assert "no sweep_tau.json: tau was fixed at 0.400" in page
     assert "pretrain.jsonl" in page
     assert not (run / "report" / "tau.png").exists()
+    page = write_report(run, rows=0).read_text()
+    assert "no grid: 0 rows asked for" in page and not (run / "report" / "grid.png").exists()
 
 
 def test_all_three_protocols_side_by_side(tiny_root, tmp_path):
