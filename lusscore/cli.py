@@ -22,6 +22,7 @@ COMMANDS = {
     "infer": ("lusscore.stages.infer", "predict validation label maps with the fine-tuned model"),
     "run": ("lusscore.stages.run", "run every stage of a config in order, skipping completed ones"),
     "evaluate": ("lusscore.stages.evaluate", "ImageNet-S metrics of prediction PNGs (official numbers)"),
+    "report": ("lusscore.stages.report", "one HTML page with figures of a finished run folder"),
 }
 
 
