@@ -15,7 +15,6 @@ import datetime
 import html
 import json
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -170,12 +169,6 @@ def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     plt.close(fig)
-    _readable(path)
-
-
-def _readable(path: Path) -> None:
-    # The temporary files of atomic_path are private (0600); a page is meant to be shared.
-    os.chmod(path, 0o644)
 
 
 def _pyplot():
@@ -609,7 +602,6 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
             f"<style>{CSS}</style></head><body>\n" + "\n".join(parts) + "\n</body></html>\n")
     index = out / "index.html"
     atomic_write_text(index, page)
-    _readable(index)
     # Figures of an earlier report that this one no longer has (e.g. a removed protocol).
     for old in out.glob("*.png"):
         if old.name not in written:
