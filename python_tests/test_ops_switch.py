@@ -324,8 +324,9 @@ def test_stage_command_start_applies_the_key(tmp_path):
 
 @pytest.mark.slow
 def test_luss_run_with_reference_ops_calls_no_kernel(tmp_path, monkeypatch):
-    """`luss run demo --set ops=reference` on the tiny pipeline: every stage finishes, no fused
-    kernel is called, each reference twin is, and <run>/timings.json lists the stages."""
+    """`luss run synthetic_gpu --set ops=reference` shrunk to the tiny pipeline's sizes: every
+    stage finishes (the GPU config's keys fit the code), no fused kernel is called, each
+    reference twin is, and <run>/timings.json lists the stages."""
     from lusscore import cli
     from lusscore.data.synthetic import SynthConfig, generate_dataset
     from python_tests.test_pipeline import TINY
@@ -345,9 +346,10 @@ def test_luss_run_with_reference_ops_calls_no_kernel(tmp_path, monkeypatch):
         monkeypatch.setattr(module, name,
                             lambda *a, _n=name, _f=original, **k: (twin_calls.append(_n), _f(*a, **k))[1])
     run = tmp_path / "run"
-    argv = ["run", "demo", "--run-dir", str(run), "--device", "cpu", "--set", "ops=reference",
-            "--set", f"data.root={root}"]
-    for item in TINY:
+    argv = ["run", "synthetic_gpu", "--run-dir", str(run), "--device", "cpu", "--set", "ops=reference",
+            "--set", f"data.root={root}", "--set", "data.workers=0", "--set", "model.output_stride=16"]
+    for item in TINY + ["model.hidden_mlp=32", "model.num_prototypes=20", "model.feat_dim=16",
+                        "pretrain.crops.counts=[2, 2]", "attention.queue_length=16"]:
         argv += ["--set", item]
     torch.manual_seed(0)
     assert cli.main(argv) == 0

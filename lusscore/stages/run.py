@@ -83,12 +83,16 @@ TIMINGS = "timings.json"
 
 class StageTimings:
     """Wall seconds of each stage of one `luss run` (GPU work finished), printed and written
-    to <run>/timings.json after every stage; a stage skipped as complete takes ~0 s."""
+    to <run>/timings.json after every stage with this process's peak GPU memory per stage;
+    a stage skipped as complete takes ~0 s."""
 
     def __init__(self, run_dir: Path, rt: Runtime):
         self.path, self.rt = Path(run_dir) / TIMINGS, rt
         self.stages: dict[str, float] = {}
+        self.peak_bytes: dict[str, int] = {}
         self.start = self.last = self._now()
+        if rt.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(rt.device)
 
     def _now(self) -> float:
         if self.rt.device.type == "cuda":
@@ -99,11 +103,17 @@ class StageTimings:
         now = self._now()
         self.stages[stage] = now - self.last
         self.last = now
-        log(self.rt, f"{stage}: {self.stages[stage]:.1f} s")
+        memory = ""
+        if self.rt.device.type == "cuda":
+            self.peak_bytes[stage] = torch.cuda.max_memory_allocated(self.rt.device)
+            torch.cuda.reset_peak_memory_stats(self.rt.device)
+            memory = f", peak GPU memory {self.peak_bytes[stage] / 2**30:.2f} GiB"
+        log(self.rt, f"{stage}: {self.stages[stage]:.1f} s{memory}")
         if self.rt.is_main:
             atomic_write_text(self.path, json.dumps(
                 {"ops": ops_mode(), "device": str(self.rt.device), "world_size": self.rt.world_size,
-                 "stages_s": self.stages, "total_s": now - self.start}, indent=1))
+                 "stages_s": self.stages, "total_s": now - self.start,
+                 "peak_gpu_bytes": self.peak_bytes}, indent=1))
 
 
 @ops_from_config
