@@ -233,18 +233,24 @@ def bench_stages(args, device, modes) -> tuple[list[dict], dict]:
         luss(*argv)
         wall = time.perf_counter() - start
         timings = json.loads((run / "timings.json").read_text())
+        run_cfg = load_config(run / "config.yaml")
         metrics = json.loads((run / "metrics.json").read_text())
         for stage, seconds in list(timings["stages_s"].items()) + [("total", timings["total_s"])]:
             row = {"case": f"stage {stage}", "impl": mode, "seconds": seconds}
             if stage in timings.get("peak_gpu_bytes", {}):
                 row["peak_bytes"] = timings["peak_gpu_bytes"][stage]
+            log = run / f"{stage}.jsonl"
+            if stage in ("pretrain", "attention") and log.is_file():
+                # End to end (data loading and checkpoints included): iterations x batch / time.
+                iters = sum(1 for line in log.read_text().splitlines() if line.strip())
+                row["images_per_s"] = iters * int(run_cfg[stage]["batch_size"]) / seconds
             if stage == "total":
                 row["process_wall_s"] = wall  # with interpreter start and imports
                 row["mIoU"] = metrics.get("mIoU")
             per_stage.setdefault(stage, {})[mode] = row
     rows = []
     for stage, per_mode in per_stage.items():
-        add_ratios(per_mode, ("seconds", "peak_bytes"))
+        add_ratios(per_mode, ("seconds", "peak_bytes", "images_per_s"))
         rows += per_mode.values()
         line = "  ".join(f"{m}: {r['seconds']:.1f} s" for m, r in per_mode.items())
         print(f"stage {stage}: {line}", file=sys.stderr)

@@ -221,7 +221,7 @@ def test_reference_mode_keeps_dtype_and_layout():
     for mode in (False, True):
         with ops.use_reference(mode):
             pooled, mean = ops.attention_pool(x, a, theta.float(), True)
-            g1, g2, valid = ops.overlap_gather(f, f, *boxes)
+            g1, _, valid = ops.overlap_gather(f, f, *boxes)
             lab, val = ops.kmeans_assign(kmeans_points(7, 3, torch.float16), kmeans_points(2, 3))
         assert pooled.dtype == mean.dtype == g1.dtype == torch.bfloat16
         assert g1.is_contiguous(memory_format=torch.channels_last) and valid.dtype == torch.bool

@@ -56,7 +56,7 @@ class use_reference:
         self.previous = ops_mode()
         set_ops_mode("reference" if enabled else "fused")
 
-    def __enter__(self) -> "use_reference":
+    def __enter__(self) -> use_reference:
         return self
 
     def __exit__(self, *exc) -> None:
