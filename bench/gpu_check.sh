@@ -24,5 +24,14 @@ for script in bench/bench_*.py; do
   echo "== $name"
   python "$script" --json "$out/bench_parts/$name.json" || { echo "$name failed"; status=1; }
 done
+# Issue #7: every stage of a whole `luss run synthetic_gpu`, fused vs reference ops (the
+# default run of bench_pipeline.py above gave the pretrain/attention images/s and memory).
+# LUSS_SKIP_STAGES=1 skips it (two full runs: minutes each on an H100). The dataset and runs
+# stay in a temporary folder (too large to keep with the results).
+if [ "${LUSS_SKIP_STAGES:-0}" != "1" ]; then
+  echo "== bench_pipeline --stages"
+  python bench/bench_pipeline.py --stages --work "${TMPDIR:-/tmp}/lusscore_pipeline_runs" \
+    --json "$out/bench_parts/bench_pipeline_stages.json" || { echo "bench_pipeline --stages failed"; status=1; }
+fi
 python bench/common.py merge "$out/bench_parts" "$out/bench_results.json" && rm -rf "$out/bench_parts"
 exit $status

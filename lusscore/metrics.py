@@ -126,9 +126,10 @@ class SegEvaluator:
                     self._grow(min(hi + 1, self.max_pred_rows))
         pred_stats = torch.empty(batch, 2, self.rows + 1, dtype=torch.int64, device=self.device)
         gt_hist = torch.empty(batch, self.num_classes + 2, dtype=torch.int64, device=self.device)
-        torch.ops.lusscore.seg_metrics_update_(
-            pred, gt, self.num_classes, self.ignore_index, self.boundary_ratio, self.pred_lut,
-            self.region_conf, self.boundary_conf, pred_stats, gt_hist)
+        from lusscore.ops.seg_metrics import seg_metrics_update_  # the fused op or its reference
+        seg_metrics_update_(pred, gt, self.num_classes, self.region_conf, self.boundary_conf,
+                            pred_stats, gt_hist, self.ignore_index, self.boundary_ratio,
+                            self.pred_lut)
         self._fold(pred_stats.cpu().numpy(), gt_hist.cpu().numpy(), names)
 
     def _relabel(self, pred: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from lusscore.ops.switch import reference_enabled
+from lusscore.reference import attention_pool as _reference
+
 _FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
@@ -70,4 +73,8 @@ def attention_pool(x: torch.Tensor, a: torch.Tensor, theta: torch.Tensor,
     have x's dtype; sums are accumulated in fp32 (fp64 for fp64 inputs). Channels-last
     inputs are accepted (the kernels read a contiguous copy).
     """
+    if reference_enabled():
+        _check_inputs(x, a, theta)
+        pooled, mean = _reference.attention_pool(x, a, theta, return_mean_attention)
+        return pooled.to(x.dtype), mean.to(x.dtype)
     return torch.ops.lusscore.attention_pool(x, a, theta, return_mean_attention)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from lusscore.ops.switch import reference_enabled
+from lusscore.reference import kmeans as _reference
+
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
@@ -43,9 +46,16 @@ def _kmeans_update_fake(x, labels, k):
 
 def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, metric: str = "l2"):
     """Nearest centroid per row: (labels int64 (N), squared distance or similarity (N))."""
+    if reference_enabled():
+        _kmeans_assign_fake(x, centroids, metric)  # the op's checks
+        labels, values = _reference.kmeans_assign(x, centroids, metric)
+        return labels, values.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     return torch.ops.lusscore.kmeans_assign(x, centroids, metric)
 
 
 def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int):
     """Per-cluster sums (K, D) and counts (K) of the rows of x grouped by label."""
+    if reference_enabled():
+        _kmeans_update_fake(x, labels, k)
+        return _reference.kmeans_update(x, labels, k)
     return torch.ops.lusscore.kmeans_update(x, labels, k)

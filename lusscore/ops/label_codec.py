@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import torch
 
+from lusscore.ops.switch import reference_enabled
+from lusscore.reference import label_codec as _reference
+
 
 @torch.library.register_fake("lusscore::rgb_to_label")
 def _rgb_to_label_fake(rgb):
@@ -14,4 +17,7 @@ def _rgb_to_label_fake(rgb):
 
 def rgb_to_label(rgb: torch.Tensor) -> torch.Tensor:
     """(..., 3|4) uint8 -> (...) int64 label ids."""
+    if reference_enabled():
+        _rgb_to_label_fake(rgb)
+        return _reference.rgb_to_label(rgb)
     return torch.ops.lusscore.rgb_to_label(rgb)

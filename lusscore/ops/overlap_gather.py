@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import torch
 
+from lusscore.ops.switch import reference_enabled
+from lusscore.reference import overlap_gather as _reference
+
 
 def _channels_last(t: torch.Tensor) -> bool:
     # As the kernels decide: channels-last only when not also plain contiguous.
@@ -121,5 +124,11 @@ def overlap_gather(f1: torch.Tensor, f2: torch.Tensor, boxes1: torch.Tensor,
     mirrored horizontally. Returns g1 (B, C1, S, S), g2 (B, C2, S, S) laid out like their
     maps, and valid (B) bool (False: no overlap, g1 = g2 = 0 there).
     """
+    if reference_enabled():
+        _overlap_gather_fake(f1, f2, boxes1, boxes2, flips1, flips2, size, cell_centers)
+        g1, g2, valid = _reference.overlap_gather(f1, f2, boxes1, boxes2, flips1, flips2, size,
+                                                  cell_centers)
+        return (g1.to(f1.dtype, memory_format=_memory_format(f1)),
+                g2.to(f2.dtype, memory_format=_memory_format(f2)), valid)
     return torch.ops.lusscore.overlap_gather(f1, f2, boxes1, boxes2, flips1, flips2, size,
                                              cell_centers)

@@ -18,6 +18,9 @@ import math
 
 import torch
 
+from lusscore.ops.switch import reference_enabled
+from lusscore.reference import seg_metrics as _reference
+
 NUM_SETS = 5
 BUCKETS = ("S", "MS", "ML", "L")
 
@@ -57,9 +60,29 @@ def seg_metrics_update_(pred: torch.Tensor, gt: torch.Tensor, num_classes: int,
                         ignore_index: int = 1000, boundary_ratio: float = 0.03,
                         pred_lut: torch.Tensor | None = None) -> None:
     """Accumulate one (H, W) map pair or a (B, H, W) batch into the accumulators in place."""
+    if reference_enabled():
+        _reference_update_(pred, gt, num_classes, ignore_index, boundary_ratio, pred_lut,
+                           region_conf, boundary_conf, pred_stats, gt_hist)
+        return
     torch.ops.lusscore.seg_metrics_update_(pred, gt, num_classes, ignore_index, boundary_ratio,
                                            pred_lut, region_conf, boundary_conf, pred_stats,
                                            gt_hist)
+
+
+def _reference_update_(pred, gt, num_classes, ignore_index, boundary_ratio, pred_lut,
+                       region_conf, boundary_conf, pred_stats, gt_hist) -> None:
+    """The op's contract on lusscore.reference.seg_metrics, one image at a time."""
+    _seg_metrics_update_fake(pred, gt, num_classes, ignore_index, boundary_ratio, pred_lut,
+                             region_conf, boundary_conf, pred_stats, gt_hist)
+    rows = region_conf.shape[1] - 1
+    pairs = zip(pred, gt) if pred.dim() == 3 else [(pred, gt)]
+    for b, (p, g) in enumerate(pairs):
+        want = _reference.seg_metrics_update(p, g, num_classes, rows, ignore_index, boundary_ratio,
+                                             pred_lut)
+        region_conf += want["region_conf"].to(region_conf.device)
+        boundary_conf += want["boundary_conf"].to(boundary_conf.device)
+        pred_stats.view(-1, *want["pred_stats"].shape)[b].copy_(want["pred_stats"])
+        gt_hist.view(-1, *want["gt_hist"].shape)[b].copy_(want["gt_hist"])
 
 
 def munkres_assign(cost: torch.Tensor) -> torch.Tensor:

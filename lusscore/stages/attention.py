@@ -22,6 +22,7 @@ from lusscore.engine import (JsonlLog, Runtime, StageCheckpoint, autocast, make_
 from lusscore.losses.swav import Prototypes
 from lusscore.models import ProjectionHead, ResNetTrunk
 from lusscore.models.pixel_attention import PixelAttention
+from lusscore.ops.switch import ops_from_config
 from lusscore.optim import LARS, cosine_schedule
 from lusscore.stages.common import add_run_arguments, dataset_of, run_training_stage
 from lusscore.stages.pretrain import ImageFiles, SwAVQueue, pass_losses, queue_state
@@ -72,6 +73,7 @@ class AttentionModel(nn.Module):
             getattr(self, name).load_state_dict(sub)
 
 
+@ops_from_config
 def train_attention(cfg: dict, run_dir: Path, rt: Runtime, samples) -> AttentionModel:
     acfg, pcfg = cfg["attention"], cfg["pretrain"]
     seed = int(cfg.get("seed", 0))

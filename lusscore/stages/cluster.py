@@ -18,6 +18,7 @@ from scipy.optimize import linear_sum_assignment
 from lusscore.cluster import KMeans
 from lusscore.engine import Runtime
 from lusscore.models.backbone import load_attention_checkpoint
+from lusscore.ops.switch import ops_from_config
 from lusscore.stages.attention_features import pooled_features
 from lusscore.stages.common import add_run_arguments, dataset_of, start_run
 from lusscore.utils import LusscoreError, atomic_path, atomic_write_text
@@ -50,6 +51,7 @@ def hungarian_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
     return float(counts[rows, cols].sum() / len(pred))
 
 
+@ops_from_config
 def run_cluster(cfg: dict, run_dir: Path, rt: Runtime, samples) -> dict:
     ccfg = cfg["cluster"]
     backbone, attention, _ = load_attention_model(run_dir)

@@ -6,6 +6,7 @@ from pathlib import Path
 from lusscore.config import apply_overrides, load_config, save_config
 from lusscore.data import ImageNetS
 from lusscore.engine import Runtime, StageCheckpoint, seed_everything, setup_runtime
+from lusscore.ops.switch import apply_ops_config
 from lusscore.utils import LusscoreError
 
 RUN_CONFIG = "config.yaml"
@@ -38,6 +39,7 @@ def start_run(args) -> tuple[dict, Path, Runtime]:
     if rt.is_main:
         save_config(run_dir / RUN_CONFIG, cfg)
     seed_everything(int(cfg.get("seed", 0)), rt.rank)
+    apply_ops_config(cfg)  # fused kernels or their references, for this whole command
     return cfg, run_dir, rt
 
 

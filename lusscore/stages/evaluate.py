@@ -45,6 +45,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--conf-suffix", default=".npy",
                         help="confidence file beside each prediction: <name><suffix> (.npy)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--ops", choices=("fused", "reference"), default="fused",
+                        help="the fused metrics op or its pure-PyTorch reference (a baseline)")
 
 
 def label_names(gt_dir: Path, names: str | None) -> list[str]:
@@ -232,6 +234,8 @@ def evaluate(gt_dir, pred_dir, num_classes: int, names=None, match="none", devic
 def main(args) -> int:
     import torch
     from lusscore.matching import save_match
+    from lusscore.ops.switch import set_ops_mode
+    set_ops_mode(args.ops)
     if args.device == "cpu":
         torch.set_num_threads(1)  # per-image work is small; decoding runs in --workers processes
     result = evaluate(args.gt, args.pred, args.num_classes, args.names, args.match, args.device,

@@ -274,6 +274,8 @@ def main(args):
     if device.type == "cuda" and "LOCAL_RANK" in os.environ:
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     backbone, attention, config = load_attention_checkpoint(args.checkpoint)
+    from lusscore.ops.switch import apply_ops_config
+    apply_ops_config(config)  # the run's ops mode (fused kernels or their references)
     tau = args.tau if args.tau is not None else config.get("tau", config.get("label", {}).get("tau"))
     if tau is None:
         raise LusscoreError("no --tau given and the checkpoint config has no 'tau'")

@@ -21,6 +21,7 @@ from lusscore.engine import (JsonlLog, Runtime, StageCheckpoint, autocast, make_
 from lusscore.losses.p2p import P2PLoss
 from lusscore.losses.swav import Prototypes, sinkhorn, swapped_prediction_loss
 from lusscore.models import D2SHead, ProjectionHead, ResNetTrunk
+from lusscore.ops.switch import ops_from_config
 from lusscore.optim import LARS, cosine_schedule
 from lusscore.stages.common import add_run_arguments, dataset_of, run_training_stage
 
@@ -139,6 +140,7 @@ def add_p2p(model: PASSPretrainModel, out: dict, batch, bs: int, weights: dict, 
     return total + weights["p2p"] * parts["p2p"]
 
 
+@ops_from_config
 def pretrain(cfg: dict, run_dir: Path, rt: Runtime, samples: list[tuple[Path, int]]) -> nn.Module:
     pcfg, mcfg = cfg["pretrain"], cfg["model"]
     seed = int(cfg.get("seed", 0))

@@ -8,12 +8,15 @@ Everything lands in the run folder; the final metrics in <run>/metrics.json, the
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from lusscore.config import apply_overrides, load_config, save_config
 from lusscore.engine import Runtime, StageCheckpoint, seed_everything, setup_runtime
+from lusscore.ops.switch import ops_from_config, ops_mode
 from lusscore.stages.common import RUN_CONFIG, dataset_of
 from lusscore.utils import atomic_write_text
 
@@ -75,6 +78,45 @@ def _plain(obj):
     return obj
 
 
+TIMINGS = "timings.json"
+
+
+class StageTimings:
+    """Wall seconds of each stage of one `luss run` (GPU work finished), printed and written
+    to <run>/timings.json after every stage with this process's peak GPU memory per stage;
+    a stage skipped as complete takes ~0 s."""
+
+    def __init__(self, run_dir: Path, rt: Runtime):
+        self.path, self.rt = Path(run_dir) / TIMINGS, rt
+        self.stages: dict[str, float] = {}
+        self.peak_bytes: dict[str, int] = {}
+        self.start = self.last = self._now()
+        if rt.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(rt.device)
+
+    def _now(self) -> float:
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+        return time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = self._now()
+        self.stages[stage] = now - self.last
+        self.last = now
+        memory = ""
+        if self.rt.device.type == "cuda":
+            self.peak_bytes[stage] = torch.cuda.max_memory_allocated(self.rt.device)
+            torch.cuda.reset_peak_memory_stats(self.rt.device)
+            memory = f", peak GPU memory {self.peak_bytes[stage] / 2**30:.2f} GiB"
+        log(self.rt, f"{stage}: {self.stages[stage]:.1f} s{memory}")
+        if self.rt.is_main:
+            atomic_write_text(self.path, json.dumps(
+                {"ops": ops_mode(), "device": str(self.rt.device), "world_size": self.rt.world_size,
+                 "stages_s": self.stages, "total_s": now - self.start,
+                 "peak_gpu_bytes": self.peak_bytes}, indent=1))
+
+
+@ops_from_config
 def run_pipeline(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
     from lusscore.stages.attention import train_attention
     from lusscore.stages.cluster import run_cluster
@@ -85,18 +127,21 @@ def run_pipeline(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
 
     ds = dataset_of(cfg)
     train = ds.image_samples("train")
+    timings = StageTimings(run_dir, rt)
     for stage, fn in (("pretrain", pretrain), ("attention", train_attention)):
         if StageCheckpoint(run_dir, stage, rt, cfg).is_done():
             log(rt, f"{stage}: complete, skipped")
         else:
             log(rt, f"{stage}: {cfg[stage]['epochs']} epochs on {len(train)} images")
             fn(cfg, run_dir, rt, train)
+        timings.lap(stage)
 
     if (run_dir / "cluster" / "summary.json").is_file():
         cluster = json.loads((run_dir / "cluster" / "summary.json").read_text())
         log(rt, "cluster: complete, skipped")
     else:
         cluster = run_cluster(cfg, run_dir, rt, train)
+    timings.lap("cluster")
     log(rt, f"cluster: K={cluster['k']} NMI {cluster['nmi']:.3f}, image-level Hungarian accuracy "
             f"{100 * cluster['hungarian_accuracy']:.1f}%")
 
@@ -112,21 +157,27 @@ def run_pipeline(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
         cfg["label"]["tau"] = summary["best_tau"]
         if rt.is_main:
             print(format_sweep(summary))
+    timings.lap("sweep_tau")  # labelling validation with attention maps + the tau sweep
     tau = float(cfg["label"]["tau"])
     log(rt, f"label train: tau {tau:.3f}")
     label_split(cfg, run_dir, rt, "train", tau, save_attention=False)
+    timings.lap("label")
 
     if StageCheckpoint(run_dir, "finetune", rt, cfg).is_done():
         log(rt, "finetune: complete, skipped")
     else:
         log(rt, f"finetune: {cfg['finetune']['epochs']} epochs on the pseudo-labelled train images")
         finetune(cfg, run_dir, rt)
+    timings.lap("finetune")
 
     from lusscore.stages.infer import load_segmentation_model
     model = load_segmentation_model(cfg, run_dir, rt)
     predict_split(model, ds.segmentation_samples("validation"), run_dir / "predictions" / "validation",
                   rt, resize=cfg.get("infer", {}).get("resize", 256))
-    return evaluate_predictions(cfg, run_dir, rt)
+    timings.lap("infer")
+    result = evaluate_predictions(cfg, run_dir, rt)
+    timings.lap("evaluate")
+    return result
 
 
 def add_arguments(parser):

@@ -19,6 +19,7 @@ from tqdm import tqdm
 from lusscore.config import save_config
 from lusscore.data.label_io import read_label_png
 from lusscore.metrics import ThresholdSweep
+from lusscore.ops.switch import ops_from_config
 from lusscore.stages.common import RUN_CONFIG, add_run_arguments, dataset_of, start_run
 from lusscore.utils import LusscoreError, atomic_path, atomic_write_text
 
@@ -65,6 +66,7 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+@ops_from_config
 def run_sweep(cfg: dict, run_dir: Path, progress=True) -> dict:
     lo, hi, step = cfg["label"]["sweep"]
     taus = thresholds(lo, hi, step)
