@@ -1,6 +1,6 @@
 """Throughput of the synthetic dataset generator (images/s, render + JPEG/PNG writes).
 
-    python bench/bench_synthetic.py [--workers N] [--repeats R] [--out result.json]
+    python bench/bench_synthetic.py [--workers N] [--repeats R] [--json result.json]
 """
 import argparse
 import json
@@ -36,7 +36,7 @@ def main():
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs; the best is reported")
     ap.add_argument("--size", type=int, default=SynthConfig.size)
-    ap.add_argument("--out", type=Path, help="also write the JSON result here")
+    ap.add_argument("--out", "--json", type=Path, help="also write the JSON result here")
     args = ap.parse_args()
 
     config = SynthConfig(size=args.size)
