@@ -259,8 +259,10 @@ def test_fused_cuda_assign(monkeypatch, dtype, metric):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_cuda_ties_and_flagged_rows(monkeypatch, dtype):
     """Exact duplicates (in one tile, across tiles, across the two warps of a tile) make rows
-    whose best and second-best fast scores tie: those are flagged and resolved exactly, lowest
-    index first. Misaligned rows take the element-wise copy path."""
+    whose best and second-best fast scores tie: those are flagged, their candidates collected
+    and re-scored exactly, lowest index first. 300 equal centroids overflow the candidate list
+    (16): the buffered path resolves those rows. Misaligned rows take the element-wise copy
+    path."""
     monkeypatch.setenv("LUSSCORE_KMEANS_ASSIGN", "fused")
     c = kmeans_points(919, 64, seed=21)
     for dup, orig in ((700, 3), (130, 5), (64, 6), (200, 199)):

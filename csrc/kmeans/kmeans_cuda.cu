@@ -6,8 +6,10 @@
 // natively; fp32 accumulation) and, in registers, turns the dot products into scores and keeps
 // each row's best and second-best fast score: no score buffer. A row whose second-best is
 // farther than the proven error bound (refine_margin) from its best has one candidate, which
-// is re-scored canonically for the exact value; the other rows are flagged and go through the
-// buffered path below.
+// is re-scored canonically for the exact value. The other rows are flagged, gathered, and run
+// through the same kernel again in its collect mode, which lists every centroid within the
+// row's threshold (at most 16; more: the buffered path below); a warp per row then re-scores
+// the list canonically.
 // assign, buffered path (small N, D = 0, GPUs before sm_80, and the flagged rows): bounded
 // chunks of rows times tiles of centroids go through one cuBLAS GEMM each (fp32, or bf16/fp16
 // on the tensor cores with fp32 output), and a warp-per-row kernel finds the near-best
@@ -249,7 +251,19 @@ constexpr int kStageBytes = (kBM + kBN) * kRowBytes;
 constexpr int kStages = 3;
 constexpr int kSmemBytes = kStages * kStageBytes;  // 110,592: two blocks per H100 SM
 static_assert(kSmemBytes >= 2 * kBM * (2 * sizeof(float) + sizeof(int)), "reduction scratch fits");
+constexpr int kMaxCandidates = 16;  // per flagged row in the collect pass; more: buffered path
+constexpr int64_t kCollectRows = int64_t(1) << 22;  // flagged rows per collect pass (256 MB of lists)
 }  // namespace fused
+
+// Outputs of the scan pass, and inputs / outputs of the collect pass.
+struct FusedIo {
+  int64_t* labels;
+  float* values;
+  uint8_t* flags;          // scan: 1 where a row has more than one candidate
+  float* thresholds;       // scan: writes best fast score + margin (rounded up); collect: reads it
+  int* counts;             // collect: candidates found per row
+  int* candidates;         // collect: their indices, kMaxCandidates per row
+};
 
 // One mma.sync of a 16 x 8 tile, k = 8 (TF32) or 16 (bf16 / fp16), fp32 accumulators.
 // Fragment layouts (PTX ISA, mma.m16n8k8 / m16n8k16), g = lane / 4, t = lane % 4:
@@ -330,14 +344,16 @@ __device__ __forceinline__ void merge_top2(float& b1, int& i1, float& b2, float 
 // kVec: D * sizeof(T) is a multiple of 16 and both matrices are 16-byte aligned, so tiles are
 // copied 16 bytes at a time with cp.async (zero-filled past N, K and D). Otherwise element by
 // element through registers (zero-padded the same way).
+// kCollect = false (scan): each row's best and second-best fast score, then the exact score of
+// the only candidate or a flag. kCollect = true (collect, on the flagged rows gathered): every
+// centroid whose fast score is within the row's threshold is listed for exact re-scoring.
 // Two blocks per SM (2 x 108 KB of shared memory on Hopper): at most 128 registers a thread.
-template <typename T, bool kVec>
+template <typename T, bool kVec, bool kCollect>
 __global__ void __launch_bounds__(fused::kThreads, 2)
     fused_assign_kernel(const T* __restrict__ x, const T* __restrict__ c,
                         const float* __restrict__ cnorm, const float* __restrict__ c32,
                         const double* __restrict__ cmax, int64_t n, int k, int64_t d, Metric metric,
-                        double u_in, double u_acc, int64_t* __restrict__ labels,
-                        float* __restrict__ values, uint8_t* __restrict__ flags) {
+                        double u_in, double u_acc, FusedIo io) {
   using namespace fused;
   constexpr int kChunk = kChunkBytes / static_cast<int>(sizeof(T));  // elements of D per chunk
   extern __shared__ __align__(16) unsigned char smem[];
@@ -402,6 +418,14 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
   }
   const bool l2 = metric == Metric::L2;
   const float scale = l2 ? 2.f : 1.f;  // score = cnorm - 2 x.c (l2) or 0 - x.c (ip)
+  float threshold[4];  // collect pass: the rows' thresholds (-inf past N: no candidates)
+  if constexpr (kCollect) {
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const int64_t row = row0 + wm0 + (s >> 1) * 16 + g + 8 * (s & 1);
+      threshold[s] = row < n ? io.thresholds[row] : -INFINITY;
+    }
+  }
 
   // Prologue: the first kStages - 1 steps in flight.
   int load_kt = 0, load_dc = 0;
@@ -483,7 +507,13 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
               const int col = col_base + ni * 8 + j;
               const float s = fmaf(-scale, acc[mi][ni][2 * h + j], bias[ni][j]);
               const int slot = mi * 2 + h;
-              if (col < k && s < second[slot]) {
+              if constexpr (kCollect) {
+                if (col < k && s <= threshold[slot]) {
+                  const int64_t row = row0 + wm0 + mi * 16 + g + 8 * h;
+                  const int at_pos = atomicAdd(io.counts + row, 1);
+                  if (at_pos < kMaxCandidates) io.candidates[row * kMaxCandidates + at_pos] = col;
+                }
+              } else if (col < k && s < second[slot]) {
                 if (s < best[slot]) {
                   second[slot] = best[slot];
                   best[slot] = s;
@@ -503,6 +533,7 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
     if (++dc == chunks) { dc = 0; ++kt; }
   }
   cp_async_wait<0>();
+  if constexpr (kCollect) return;
   __syncthreads();  // the stages are now free for the reduction scratch
 
   // The 4 lanes of a quad hold the same rows: merge them.
@@ -562,9 +593,53 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
       score = metric == Metric::L2 ? p : -p;
     }
     if (lane == 0) {
-      labels[row] = i1;
-      values[row] = static_cast<float>(metric == Metric::IP ? -score : score);
-      flags[row] = unique ? 0 : 1;
+      io.labels[row] = i1;
+      io.values[row] = static_cast<float>(metric == Metric::IP ? -score : score);
+      io.flags[row] = unique ? 0 : 1;
+      // Every centroid that can be the best has a fast score within this (rounded up).
+      io.thresholds[row] = __double2float_ru(static_cast<double>(b1) + margin);
+    }
+  }
+}
+
+// One warp per collected row: the listed candidates re-scored canonically, lowest index
+// winning exact ties (the list's order does not matter). Rows with more candidates than the
+// list holds are flagged for the buffered path.
+template <typename T>
+__global__ void __launch_bounds__(kWarpsPerBlock * 32)
+    rescore_candidates_kernel(const T* __restrict__ x, int64_t n, int64_t d,
+                              const float* __restrict__ c32, Metric metric,
+                              const int* __restrict__ counts, const int* __restrict__ candidates,
+                              int64_t* __restrict__ labels, float* __restrict__ values,
+                              uint8_t* __restrict__ overflow) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * kWarpsPerBlock;
+  for (int64_t r = blockIdx.x * int64_t(kWarpsPerBlock) + (threadIdx.x >> 5); r < n; r += warps) {
+    const int count = counts[r];
+    if (count > fused::kMaxCandidates) {
+      if (lane == 0) overflow[r] = 1;
+      continue;
+    }
+    const T* xr = x + r * d;
+    double best = INFINITY;
+    int64_t best_index = 0;
+    for (int q = 0; q < count; ++q) {
+      const int64_t j = candidates[r * fused::kMaxCandidates + q];
+      double p = kmeans::canonical_partial(metric, xr, c32 + j * d, d, lane);
+#pragma unroll
+      for (int offset = 16; offset > 0; offset >>= 1) {
+        p = __dadd_rn(p, __shfl_xor_sync(0xffffffffu, p, offset));
+      }
+      const double score = metric == Metric::L2 ? p : -p;
+      if (kmeans::assign_better<double>(score, j, best, best_index)) {
+        best = score;
+        best_index = j;
+      }
+    }
+    if (lane == 0) {
+      labels[r] = best_index;
+      values[r] = static_cast<float>(metric == Metric::IP ? -best : best);
+      overflow[r] = 0;
     }
   }
 }
@@ -583,60 +658,95 @@ bool use_fused(int64_t n, int64_t k, int64_t d) {
   return can && (n + fused::kBM - 1) / fused::kBM >= prop->multiProcessorCount;
 }
 
-template <typename T>
+template <typename T, bool kCollect>
 void launch_fused(const at::Tensor& x, const at::Tensor& c, const at::Tensor& cnorm,
                   const at::Tensor& c32, const at::Tensor& cmax, Metric metric, double u_in,
-                  double u_acc, const at::Tensor& labels, const at::Tensor& values,
-                  const at::Tensor& flags) {
+                  double u_acc, const FusedIo& io) {
   const int64_t n = x.size(0), k = c.size(0), d = x.size(1);
   const int64_t blocks = (n + fused::kBM - 1) / fused::kBM;
   TORCH_CHECK(blocks < (int64_t(1) << 31), "kmeans_assign: too many rows for one call (", n, ")");
   const bool vec = (d * int64_t(sizeof(T))) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
                    reinterpret_cast<uintptr_t>(c.data_ptr()) % 16 == 0;
-  auto kernel = vec ? fused_assign_kernel<T, true> : fused_assign_kernel<T, false>;
+  auto kernel = vec ? fused_assign_kernel<T, true, kCollect> : fused_assign_kernel<T, false, kCollect>;
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                       fused::kSmemBytes));
   kernel<<<static_cast<unsigned>(blocks), fused::kThreads, fused::kSmemBytes,
            at::cuda::getCurrentCUDAStream()>>>(
       reinterpret_cast<const T*>(x.data_ptr()), reinterpret_cast<const T*>(c.data_ptr()),
       cnorm.data_ptr<float>(), c32.data_ptr<float>(), cmax.data_ptr<double>(), n,
-      static_cast<int>(k), d, metric, u_in, u_acc, labels.data_ptr<int64_t>(),
-      values.data_ptr<float>(), flags.data_ptr<uint8_t>());
+      static_cast<int>(k), d, metric, u_in, u_acc, io);
   LUSSCORE_CUDA_CHECK_LAUNCH();
+}
+
+template <typename T>
+void assign_fused_typed(const at::Tensor& x, const at::Tensor& c32, Metric metric,
+                        const at::Tensor& labels, const at::Tensor& values) {
+  const int64_t n = x.size(0), d = x.size(1);
+  const at::Tensor c = c32.to(x.scalar_type()).contiguous();  // the MMA's B operand, in x's dtype
+  const at::Tensor cnorm = c32.square().sum(1);
+  const at::Tensor cmax = cnorm.max().to(at::kDouble).sqrt();
+  // Input rounding of the products: fp32 rows and centroids to TF32 (round to nearest,
+  // 2^-11); bf16 / fp16 rows are exact and only the centroids are rounded (2^-8 / 2^-11).
+  // The tensor cores may truncate while accumulating: 2^-23 per addition.
+  const double u_in = std::is_same_v<T, c10::BFloat16> ? 0x1p-8 : 0x1p-11;
+  const double u_acc = 0x1p-23;
+  const at::Tensor flags = at::empty({n}, x.options().dtype(at::kByte));
+  const at::Tensor thresholds = at::empty({n}, x.options().dtype(at::kFloat));
+  FusedIo scan{labels.data_ptr<int64_t>(), values.data_ptr<float>(), flags.data_ptr<uint8_t>(),
+               thresholds.data_ptr<float>(), nullptr, nullptr};
+  launch_fused<T, false>(x, c, cnorm, c32, cmax, metric, u_in, u_acc, scan);
+
+  // Rows with more than one candidate (one device-to-host sync for their count): the collect
+  // pass lists their candidates, which are then re-scored exactly; rows with too many go
+  // through the buffered path.
+  const at::Tensor flagged = flags.nonzero().squeeze(1);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  for (int64_t f0 = 0; f0 < flagged.numel(); f0 += fused::kCollectRows) {
+    const at::Tensor rows = flagged.narrow(0, f0, std::min(fused::kCollectRows, flagged.numel() - f0));
+    const int64_t m = rows.numel();
+    const at::Tensor sub_x = x.index_select(0, rows);
+    at::Tensor sub_thresholds = thresholds.index_select(0, rows);
+    at::Tensor counts = at::zeros({m}, x.options().dtype(at::kInt));
+    at::Tensor candidates = at::empty({m * fused::kMaxCandidates}, x.options().dtype(at::kInt));
+    at::Tensor sub_labels = at::empty({m}, labels.options());
+    at::Tensor sub_values = at::empty({m}, values.options());
+    at::Tensor overflow = at::empty({m}, flags.options());
+    FusedIo collect{nullptr, nullptr, nullptr, sub_thresholds.data_ptr<float>(),
+                    counts.data_ptr<int>(), candidates.data_ptr<int>()};
+    launch_fused<T, true>(sub_x, c, cnorm, c32, cmax, metric, u_in, u_acc, collect);
+    const int64_t blocks = std::max<int64_t>(
+        1, std::min<int64_t>((m + kWarpsPerBlock - 1) / kWarpsPerBlock, int64_t(sms) * 16));
+    rescore_candidates_kernel<T><<<blocks, kWarpsPerBlock * 32, 0, stream>>>(
+        reinterpret_cast<const T*>(sub_x.data_ptr()), m, d, c32.data_ptr<float>(), metric,
+        counts.data_ptr<int>(), candidates.data_ptr<int>(), sub_labels.data_ptr<int64_t>(),
+        sub_values.data_ptr<float>(), overflow.data_ptr<uint8_t>());
+    LUSSCORE_CUDA_CHECK_LAUNCH();
+    const at::Tensor many = overflow.nonzero().squeeze(1);
+    if (many.numel() > 0) {
+      at::Tensor many_labels = at::empty({many.numel()}, labels.options());
+      at::Tensor many_values = at::empty({many.numel()}, values.options());
+      assign_buffered(sub_x.index_select(0, many), c32, metric, many_labels, many_values);
+      sub_labels.index_copy_(0, many, many_labels);
+      sub_values.index_copy_(0, many, many_values);
+    }
+    labels.index_copy_(0, rows, sub_labels);
+    values.index_copy_(0, rows, sub_values);
+  }
 }
 
 void assign_fused(const at::Tensor& x_in, const at::Tensor& c32, Metric metric,
                   const at::Tensor& labels, const at::Tensor& values) {
-  const int64_t n = x_in.size(0), k = c32.size(0), d = x_in.size(1);
-  const auto type = x_in.scalar_type();
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor c = c32.to(type).contiguous();  // the MMA's B operand, in x's dtype
-  const at::Tensor cnorm = c32.square().sum(1);
-  const at::Tensor cmax = cnorm.max().to(at::kDouble).sqrt();
-  at::Tensor flags = at::empty({n}, x.options().dtype(at::kByte));
-  // Input rounding of the products: fp32 rows and centroids to TF32 (round to nearest,
-  // 2^-11); bf16 / fp16 rows are exact and only the centroids are rounded (2^-8 / 2^-11).
-  // The tensor cores may truncate while accumulating: 2^-23 per addition.
-  const double u_in = type == at::kBFloat16 ? 0x1p-8 : 0x1p-11;
-  const double u_acc = 0x1p-23;
+  const auto type = x.scalar_type();
   if (type == at::kFloat) {
-    launch_fused<float>(x, c, cnorm, c32, cmax, metric, u_in, u_acc, labels, values, flags);
+    assign_fused_typed<float>(x, c32, metric, labels, values);
   } else if (type == at::kBFloat16) {
-    launch_fused<c10::BFloat16>(x, c, cnorm, c32, cmax, metric, u_in, u_acc, labels, values, flags);
+    assign_fused_typed<c10::BFloat16>(x, c32, metric, labels, values);
   } else {
-    launch_fused<c10::Half>(x, c, cnorm, c32, cmax, metric, u_in, u_acc, labels, values, flags);
+    assign_fused_typed<c10::Half>(x, c32, metric, labels, values);
   }
-  // Rows with more than one candidate: the buffered path re-scores all their near-best
-  // centroids (one device-to-host sync for the count).
-  const at::Tensor flagged = flags.nonzero().squeeze(1);
-  if (flagged.numel() == 0) return;
-  const at::Tensor sub_x = x.index_select(0, flagged);
-  const at::Tensor sub_labels = at::empty({flagged.numel()}, labels.options());
-  const at::Tensor sub_values = at::empty({flagged.numel()}, values.options());
-  assign_buffered(sub_x, c32, metric, sub_labels, sub_values);
-  labels.index_copy_(0, flagged, sub_labels);
-  values.index_copy_(0, flagged, sub_values);
 }
 
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x_in,
