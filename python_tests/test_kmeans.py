@@ -309,6 +309,36 @@ def test_fused_cuda_is_the_default_for_large_n(monkeypatch):
     assert torch.equal(lg.cpu(), lc) and torch.equal(vg.cpu(), vc)
 
 
+_KERNEL_CHECK = """
+import torch, lusscore.ops as ops
+from lusscore.reference import kmeans as ref
+from samples import kmeans_points
+for n, d, k in ((701, 37, 45), (50, 1, 3), (13, 128, 919)):
+    for dtype in (torch.float32, torch.bfloat16):
+        x, c = kmeans_points(n, d, dtype=dtype, seed=n), kmeans_points(k, d, seed=k)
+        for metric in ("l2", "ip"):
+            labels, values = ops.kmeans_assign(x, c, metric)
+            rl, rv = ref.kmeans_assign(x, c, metric)
+            assert torch.equal(labels, rl), (n, d, k, dtype, metric)
+            assert torch.allclose(values.double(), rv, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("kernel", ["avx2", "generic"])
+def test_assign_cpu_micro_kernel_variants(kernel):
+    """The narrower CPU micro-kernels (chosen once per process from the CPU's features; capped
+    here through LUSSCORE_KMEANS_CPU_KERNEL in a fresh interpreter) give the same labels."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, LUSSCORE_KMEANS_CPU_KERNEL=kernel,
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_assign_large_d_blas_path():
     """D above the CPU micro-kernel's limit (1024) goes through the BLAS tiles: same answers."""
     x = kmeans_points(60, 1100, seed=28)

@@ -11,7 +11,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <string>
 #include <utility>
 #include <type_traits>
 #include <limits>
@@ -139,7 +141,7 @@ template <> struct FloatVec<4> { using type = float4v; };
 
 // Scores of MR rows of x (row stride d) against every packed panel: out[r][j] =
 // bias[j] - scale * x_r.c_j, and row_min[r] = min_j out[r][j]. W floats per vector.
-template <int MR, int W>
+template <int MR, int W, bool kBroadcastFirst>
 LUSSCORE_INLINE void score_rows_body(const float* x, int64_t d, const float* packed,
                                      const float* bias, float scale, int64_t panels, float* out,
                                      float* row_min) {
@@ -155,11 +157,21 @@ LUSSCORE_INLINE void score_rows_body(const float* x, int64_t d, const float* pac
       for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
     const float* bp = packed + p * d * kPanel;
     for (int64_t j = 0; j < d; ++j) {
-      vec b[NV];
-      for (int v = 0; v < NV; ++v) std::memcpy(&b[v], bp + j * kPanel + v * W, sizeof(vec));
-      for (int r = 0; r < MR; ++r) {
-        const vec a = x[r * d + j] - vec{};  // a broadcast (x - 0 is x)
-        for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+      if constexpr (kBroadcastFirst) {  // MR broadcasts + 1 vector of centroids live
+        vec a[MR];
+        for (int r = 0; r < MR; ++r) a[r] = x[r * d + j] - vec{};  // a broadcast (x - 0 is x)
+        for (int v = 0; v < NV; ++v) {
+          vec b;
+          std::memcpy(&b, bp + j * kPanel + v * W, sizeof(vec));
+          for (int r = 0; r < MR; ++r) acc[r][v] += a[r] * b;
+        }
+      } else {  // NV vectors of centroids + 1 broadcast live
+        vec b[NV];
+        for (int v = 0; v < NV; ++v) std::memcpy(&b[v], bp + j * kPanel + v * W, sizeof(vec));
+        for (int r = 0; r < MR; ++r) {
+          const vec a = x[r * d + j] - vec{};
+          for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
+        }
       }
     }
     for (int v = 0; v < NV; ++v) {
@@ -184,33 +196,37 @@ using ScoreRowsFn = void (*)(const float*, int64_t, const float*, const float*, 
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 constexpr int kRowsAvx512 = 12;  // 12 rows x 2 zmm accumulators
-constexpr int kRowsAvx2 = 4;     // 4 rows x 4 ymm accumulators
+constexpr int kRowsAvx2 = 3;     // 3 rows x 4 ymm accumulators (16 registers)
 __attribute__((target("arch=x86-64-v4"))) void score_rows_avx512(
     const float* x, int64_t d, const float* packed, const float* bias, float scale, int64_t panels,
     float* out, float* row_min) {
-  score_rows_body<kRowsAvx512, 16>(x, d, packed, bias, scale, panels, out, row_min);
+  score_rows_body<kRowsAvx512, 16, false>(x, d, packed, bias, scale, panels, out, row_min);
 }
 __attribute__((target("arch=x86-64-v3"))) void score_rows_avx2(
     const float* x, int64_t d, const float* packed, const float* bias, float scale, int64_t panels,
     float* out, float* row_min) {
-  score_rows_body<kRowsAvx2, 8>(x, d, packed, bias, scale, panels, out, row_min);
+  score_rows_body<kRowsAvx2, 8, true>(x, d, packed, bias, scale, panels, out, row_min);
 }
 #endif
 constexpr int kRowsGeneric = 4;
 void score_rows_generic(const float* x, int64_t d, const float* packed, const float* bias,
                         float scale, int64_t panels, float* out, float* row_min) {
-  score_rows_body<kRowsGeneric, 4>(x, d, packed, bias, scale, panels, out, row_min);
+  score_rows_body<kRowsGeneric, 4, false>(x, d, packed, bias, scale, panels, out, row_min);
 }
 
-// The widest micro-kernel this CPU runs, and its rows per call.
+// The widest micro-kernel this CPU runs, and its rows per call. LUSSCORE_KMEANS_CPU_KERNEL=
+// avx2|generic caps the choice (read once per process; the tests run every variant).
 std::pair<ScoreRowsFn, int> pick_score_rows() {
+  const char* env = std::getenv("LUSSCORE_KMEANS_CPU_KERNEL");
+  const std::string cap = env == nullptr ? "" : env;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl")) {
+  if (cap != "avx2" && cap != "generic" && __builtin_cpu_supports("avx512f") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vl")) {
     return {&score_rows_avx512, kRowsAvx512};
   }
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+  if (cap != "generic" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
     return {&score_rows_avx2, kRowsAvx2};
   }
 #endif
