@@ -215,6 +215,139 @@ def test_cpu_cuda_parity(dtype, tf32):
     assert torch.equal(sc, sg.cpu()) and torch.equal(nc, ng.cpu())  # same order, bit-identical
 
 
+# Shapes of the fused CUDA kernel's edge cases: (N, D, K). Its tiles are 128 rows x 128
+# centroids x 128 bytes of D (32 fp32 or 64 bf16/fp16 values); D * itemsize % 16 != 0 takes the
+# element-wise copy path, the rest cp.async.
+FUSED_SHAPES = [
+    (1, 1, 1),        # one row, D = 1, K = 1
+    (300, 1, 13),     # D = 1
+    (257, 37, 1),     # K = 1, N and D tails
+    (200, 19, 200),   # K = N (x = centroids below)
+    (1000, 33, 129),  # odd D, K one past a tile
+    (1031, 128, 919), # the issue's D and K; N, K tails
+    (513, 200, 300),  # D over several chunks with a tail
+    (130, 2056, 7),   # large D
+    (129, 40, 257),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_fused_cuda_assign(monkeypatch, dtype, metric):
+    """The fused GEMM + arg-min kernel (forced on) on every tail: labels equal the float64 brute
+    force on the rows as stored, and labels and values equal the CPU kernel's and the buffered
+    CUDA path's bit for bit."""
+    for n, d, k in FUSED_SHAPES:
+        x = kmeans_points(n, d, dtype=dtype, seed=n + d)
+        c = x[:k].float().clone() if k == n else kmeans_points(k, d, seed=k + 1)
+        monkeypatch.setenv("LUSSCORE_KMEANS_ASSIGN", "fused")
+        lg, vg = ops.kmeans_assign(x.cuda(), c.cuda(), metric)
+        monkeypatch.setenv("LUSSCORE_KMEANS_ASSIGN", "buffered")
+        lb, vb = ops.kmeans_assign(x.cuda(), c.cuda(), metric)
+        lc, vc = ops.kmeans_assign(x, c, metric)
+        rl, _ = ref.kmeans_assign(x, c, metric)
+        check_assign(x, c, metric, lg, vg)
+        assert torch.equal(lg.cpu(), rl), (n, d, k)
+        assert torch.equal(lg.cpu(), lc) and torch.equal(vg.cpu(), vc), (n, d, k)
+        assert torch.equal(lg, lb) and torch.equal(vg, vb), (n, d, k)
+        if k == n and metric == "l2":
+            assert torch.equal(lg.cpu(), torch.arange(n))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_cuda_ties_and_flagged_rows(monkeypatch, dtype):
+    """Exact duplicates (in one tile, across tiles, across the two warps of a tile) make rows
+    whose best and second-best fast scores tie: those are flagged, their candidates collected
+    and re-scored exactly, lowest index first. 300 equal centroids overflow the candidate list
+    (16): the buffered path resolves those rows. Misaligned rows take the element-wise copy
+    path."""
+    monkeypatch.setenv("LUSSCORE_KMEANS_ASSIGN", "fused")
+    c = kmeans_points(919, 64, seed=21)
+    for dup, orig in ((700, 3), (130, 5), (64, 6), (200, 199)):
+        c[dup] = c[orig]
+    x = torch.cat([kmeans_points(3000, 64, seed=22), c[[3, 5, 6, 199, 700, 130, 64, 200]]]).to(dtype)
+    for metric in ("l2", "ip"):
+        lg, vg = ops.kmeans_assign(x.cuda(), c.cuda(), metric)
+        lc, vc = ops.kmeans_assign(x, c, metric)
+        assert torch.equal(lg.cpu(), lc) and torch.equal(vg.cpu(), vc)
+        for dup in (700, 130, 64, 200):
+            assert not (lg == dup).any()
+        rl, _ = ref.kmeans_assign(x, c, metric)
+        gap = ref.kmeans_assign_gap(x, c, metric)
+        clear = gap > 1e-9 * (x.double().norm(dim=1) + c.double().norm(dim=1).max()) ** 2
+        assert torch.equal(lg.cpu()[clear], rl[clear])
+        if dtype == torch.float32 and metric == "l2":  # rows on a centroid: its first copy
+            assert lg[-8:].tolist() == [3, 5, 6, 199, 3, 5, 6, 199]
+    same = torch.ones(300, 16, device="cuda")  # all centroids equal: every row flagged, label 0
+    x0 = kmeans_points(500, 16, dtype=dtype, seed=23, device="cuda")
+    for metric in ("l2", "ip"):
+        assert (ops.kmeans_assign(x0, same, metric)[0] == 0).all()
+    # Contiguous rows at a 4-byte offset: not 16-byte aligned, so no cp.async.
+    flat = kmeans_points(1, 700 * 128 + 1, dtype=dtype, seed=24).flatten().cuda()
+    xm = flat[1:].view(700, 128)
+    cm = kmeans_points(919, 128, seed=25)
+    assert xm.data_ptr() % 16 != 0
+    lg, vg = ops.kmeans_assign(xm, cm.cuda(), "l2")
+    lc, vc = ops.kmeans_assign(xm.cpu(), cm, "l2")
+    assert torch.equal(lg.cpu(), lc) and torch.equal(vg.cpu(), vc)
+
+
+@requires_cuda
+def test_fused_cuda_is_the_default_for_large_n(monkeypatch):
+    """Enough rows to fill the GPU take the fused path by default; it agrees with the forced
+    buffered path and with the CPU."""
+    monkeypatch.delenv("LUSSCORE_KMEANS_ASSIGN", raising=False)
+    x = kmeans_points(200_000, 32, dtype=torch.bfloat16, seed=26)
+    c = kmeans_points(300, 32, seed=27)
+    lg, vg = ops.kmeans_assign(x.cuda(), c.cuda(), "l2")
+    monkeypatch.setenv("LUSSCORE_KMEANS_ASSIGN", "buffered")
+    lb, vb = ops.kmeans_assign(x.cuda(), c.cuda(), "l2")
+    assert torch.equal(lg, lb) and torch.equal(vg, vb)
+    lc, vc = ops.kmeans_assign(x, c, "l2")
+    assert torch.equal(lg.cpu(), lc) and torch.equal(vg.cpu(), vc)
+
+
+_KERNEL_CHECK = """
+import torch, lusscore.ops as ops
+from lusscore.reference import kmeans as ref
+from samples import kmeans_points
+for n, d, k in ((701, 37, 45), (50, 1, 3), (13, 128, 919)):
+    for dtype in (torch.float32, torch.bfloat16):
+        x, c = kmeans_points(n, d, dtype=dtype, seed=n), kmeans_points(k, d, seed=k)
+        for metric in ("l2", "ip"):
+            labels, values = ops.kmeans_assign(x, c, metric)
+            rl, rv = ref.kmeans_assign(x, c, metric)
+            assert torch.equal(labels, rl), (n, d, k, dtype, metric)
+            assert torch.allclose(values.double(), rv, rtol=1e-5, atol=1e-4)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("kernel", ["avx2", "generic"])
+def test_assign_cpu_micro_kernel_variants(kernel):
+    """The narrower CPU micro-kernels (chosen once per process from the CPU's features; capped
+    here through LUSSCORE_KMEANS_CPU_KERNEL in a fresh interpreter) give the same labels."""
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, LUSSCORE_KMEANS_CPU_KERNEL=kernel,
+               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_assign_large_d_blas_path():
+    """D above the CPU micro-kernel's limit (1024) goes through the BLAS tiles: same answers."""
+    x = kmeans_points(60, 1100, seed=28)
+    c = kmeans_points(9, 1100, seed=29)
+    for metric in ("l2", "ip"):
+        labels, values = ops.kmeans_assign(x, c, metric)
+        check_assign(x, c, metric, labels, values)
+
+
 def test_opcheck(device):
     x, c = kmeans_points(30, 5, device=device), kmeans_points(4, 5, seed=1, device=device)
     torch.library.opcheck(torch.ops.lusscore.kmeans_assign.default, (x, c, "l2"))

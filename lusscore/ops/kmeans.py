@@ -4,9 +4,13 @@ kmeans_assign(x, centroids, metric) -> (labels int64 (N), values (N)): each row'
 centroid ("l2": smallest squared Euclidean distance, the value is that distance; "ip":
 largest inner product, the value is that similarity), exact ties going to the lowest index.
 Distances are accumulated in fp32 (fp64 for fp64 inputs on the CPU) and no N x K buffer is
-ever held: rows and centroids are processed in bounded tiles. On CUDA, bf16/fp16 rows are
-multiplied on the tensor cores against the centroids rounded to the same dtype; fp32 rows
-follow torch.backends.cuda.matmul.allow_tf32.
+ever held. A fast pass scores every centroid (CPU: a register-blocked GEMM micro-kernel with
+the arg-min fused; CUDA: one tensor-core kernel, TF32 for fp32 rows, bf16/fp16 against the
+centroids rounded to that dtype, keeping each row's best and second-best score), then every
+centroid within a proven error bound of the best is re-scored exactly in float64, in one order
+shared by both devices: labels equal a float64 brute force and agree across devices.
+On CUDA, LUSSCORE_KMEANS_ASSIGN=fused|buffered forces the fused kernel or the older
+GEMM-into-a-buffer path (used by default below ~128 rows per SM).
 
 kmeans_update(x, labels, k) -> (sums (K, D) fp32 (fp64 for fp64 x), counts (K) int64):
 deterministic per-cluster sums (no float atomics; bit-identical on CPU and CUDA).
