@@ -22,6 +22,9 @@ COMMANDS = {
     "infer": ("lusscore.stages.infer", "predict validation label maps with the fine-tuned model"),
     "run": ("lusscore.stages.run", "run every stage of a config in order, skipping completed ones"),
     "evaluate": ("lusscore.stages.evaluate", "ImageNet-S metrics of prediction PNGs (official numbers)"),
+    "semi": ("lusscore.stages.semi", "semi-supervised protocol: fine-tune on train-semi GT, evaluate"),
+    "distance-match": ("lusscore.stages.distance_match",
+                       "distance-matching protocol: kNN to train-semi regions, evaluate"),
 }
 
 
