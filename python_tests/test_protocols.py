@@ -159,7 +159,11 @@ def test_knn_float32_and_cuda_parity(device):
     np.testing.assert_array_equal(got.cpu().numpy()[clear], expected[clear])
     got1 = dm.knn_vote(x.float().to(device), bank.float().to(device), labels.to(device), 5, k=1)
     expected1, _ = knn_reference(x, bank, labels, 5, 1, 0.07)
-    np.testing.assert_array_equal(got1.cpu().numpy(), expected1)
+    cos = F.normalize(x, dim=1) @ F.normalize(bank, dim=1).T
+    top2 = cos.topk(2, dim=1).values
+    clear1 = (top2[:, 0] - top2[:, 1] > 1e-5).numpy()  # no float32 near-tie for the 1-NN
+    assert clear1.mean() > 0.9
+    np.testing.assert_array_equal(got1.cpu().numpy()[clear1], expected1[clear1])
 
 
 def test_knn_ties_go_to_the_lowest_index_then_the_lowest_label(device):
