@@ -23,6 +23,9 @@ COMMANDS = {
     "run": ("lusscore.stages.run", "run every stage of a config in order, skipping completed ones"),
     "evaluate": ("lusscore.stages.evaluate", "ImageNet-S metrics of prediction PNGs (official numbers)"),
     "report": ("lusscore.stages.report", "one HTML page with figures of a finished run folder"),
+    "semi": ("lusscore.stages.semi", "semi-supervised protocol: fine-tune on train-semi GT, evaluate"),
+    "distance-match": ("lusscore.stages.distance_match",
+                       "distance-matching protocol: kNN to train-semi regions, evaluate"),
 }
 
 

@@ -21,6 +21,8 @@ TINY = ["model.width=8", "pretrain.epochs=2", "pretrain.batch_size=8", "pretrain
         "cluster.k=3", "cluster.nredo=2", "cluster.resize=48", "cluster.crop=48", "label.resize=48",
         "label.sweep=[0.3, 0.6, 0.1]", "finetune.epochs=1", "finetune.batch_size=8", "finetune.crop=48",
         "finetune.label_size=24", "infer.resize=48", "data.num_classes=3"]
+TINY += ["semi.epochs=1", "semi.batch_size=8", "semi.crop=48", "semi.label_size=24",
+         "distance_match.resize=48"]  # the demo config lists every protocol
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +163,13 @@ def test_pretrain_resume_after_crash_matches_uninterrupted(tiny_root, tmp_path, 
     resumed = pretrain(cfg, tmp_path / "b", rt, train).state_dict()
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+
+
+def test_demo_config_runs_every_protocol(finished_run):
+    run, result = finished_run
+    summary = json.loads((run / "protocols.json").read_text())
+    assert list(summary) == ["unsupervised", "semi", "distance_match"]
+    assert summary["unsupervised"]["mIoU"] == pytest.approx(result["mIoU"])
+    assert summary["unsupervised"]["match"] == "hungarian" and summary["semi"]["match"] == "none"
+    for name in ("semi.pt", "semi/metrics.json", "distance_match/bank.pt", "distance_match/metrics.json"):
+        assert (run / name).is_file(), name

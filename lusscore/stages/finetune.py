@@ -36,15 +36,16 @@ class SegmentationModel(nn.Module):
         return self.head(self.backbone(x)["stage4"])
 
 
-def build_segmentation_model(cfg: dict, run_dir: Path, init: str) -> SegmentationModel:
+def build_segmentation_model(cfg: dict, run_dir: Path, init: str,
+                             section: str = "finetune") -> SegmentationModel:
     model = SegmentationModel(cfg["model"], cfg["data"]["num_classes"])
     if init == "pretrain":
         ck = run_dir / "pretrain.pt"
         if not ck.is_file():
-            raise LusscoreError(f"{ck} not found: run `luss pretrain` first, or set finetune.init=none")
+            raise LusscoreError(f"{ck} not found: run `luss pretrain` first, or set {section}.init=none")
         model.backbone.load_state_dict(load_checkpoint(ck)["backbone"])
     elif init != "none":
-        raise LusscoreError(f"finetune.init must be 'pretrain' or 'none', not {init!r}")
+        raise LusscoreError(f"{section}.init must be 'pretrain' or 'none', not {init!r}")
     return model
 
 

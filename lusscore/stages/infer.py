@@ -64,8 +64,10 @@ def predict_split(model, samples, out_dir: Path, rt: Runtime, resize: int = 256)
     return written
 
 
-def load_segmentation_model(cfg: dict, run_dir: Path, rt: Runtime) -> SegmentationModel:
-    state = load_checkpoint(run_dir / "finetune.pt")
+def load_segmentation_model(cfg: dict, run_dir: Path, rt: Runtime,
+                            stage: str = "finetune") -> SegmentationModel:
+    """The model of <run>/<stage>.pt (finetune, or semi for the semi-supervised protocol)."""
+    state = load_checkpoint(run_dir / f"{stage}.pt")
     model = SegmentationModel(cfg["model"], cfg["data"]["num_classes"])
     model.load_state_dict(state["model"])
     return model.to(rt.device)

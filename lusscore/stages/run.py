@@ -4,10 +4,17 @@ pretrain -> attention -> cluster -> label validation (with attention maps) -> sw
 -> label train (best tau) -> finetune -> infer validation -> evaluate (Hungarian matching).
 Everything lands in the run folder; the final metrics in <run>/metrics.json, the match in
 <run>/match.json.
+
+The config's `protocols` (a subset of unsupervised, semi, distance_match; default
+unsupervised) picks the evaluation protocols run after pretraining: semi (`luss semi`:
+<run>/semi/metrics.json) and distance_match (`luss distance-match`:
+<run>/distance_match/metrics.json) need only the pretrained backbone. A protocol whose
+metrics.json exists is skipped. The side-by-side summary goes to <run>/protocols.json.
 """
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -18,7 +25,7 @@ from lusscore.config import apply_overrides, load_config, save_config
 from lusscore.engine import Runtime, StageCheckpoint, seed_everything, setup_runtime
 from lusscore.ops.switch import ops_from_config, ops_mode
 from lusscore.stages.common import RUN_CONFIG, dataset_of
-from lusscore.utils import atomic_write_text
+from lusscore.utils import LusscoreError, atomic_write_text
 
 
 def log(rt: Runtime, text: str) -> None:
@@ -49,17 +56,23 @@ def label_split(cfg: dict, run_dir: Path, rt: Runtime, split: str, tau: float,
     return stats
 
 
-def evaluate_predictions(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
+def evaluate_predictions(cfg: dict, run_dir: Path, rt: Runtime, pred_dir: Path | None = None,
+                         out_dir: Path | None = None, match: str = "hungarian") -> dict:
+    """Evaluate a protocol's validation predictions (default: the unsupervised ones under
+    <run>/predictions) and write out_dir/metrics.json (+ match.json when matched)."""
     from lusscore.stages.evaluate import evaluate, format_table
     ds = dataset_of(cfg)
     names = ds.names_path("validation")
-    result = evaluate(ds.root / "validation-segmentation", run_dir / "predictions" / "validation",
-                      ds.num_classes, names=names if names.is_file() else None, match="hungarian",
+    pred_dir = Path(pred_dir) if pred_dir is not None else run_dir / "predictions" / "validation"
+    out_dir = Path(out_dir) if out_dir is not None else run_dir
+    result = evaluate(ds.root / "validation-segmentation", pred_dir,
+                      ds.num_classes, names=names if names.is_file() else None, match=match,
                       device=str(rt.device) if rt.device.type == "cuda" else "cpu")
     if rt.is_main:
-        match = {str(k): int(v) for k, v in result["match"].items()}
-        atomic_write_text(run_dir / "match.json", json.dumps(match, indent=1))
-        atomic_write_text(run_dir / "metrics.json", json.dumps(_plain(result), indent=1))
+        if result.get("match") is not None:
+            match_ids = {str(k): int(v) for k, v in result["match"].items()}
+            atomic_write_text(out_dir / "match.json", json.dumps(match_ids, indent=1))
+        atomic_write_text(out_dir / "metrics.json", json.dumps(_plain(result), indent=1))
         print(format_table(result, ["other"] + ds.wnids))
     return result
 
@@ -73,7 +86,7 @@ def _plain(obj):
         return obj.item()
     if isinstance(obj, np.ndarray):
         return obj.tolist()
-    if isinstance(obj, float) and obj != obj:
+    if isinstance(obj, float) and math.isnan(obj):
         return None
     return obj
 
@@ -116,25 +129,55 @@ class StageTimings:
                  "peak_gpu_bytes": self.peak_bytes}, indent=1))
 
 
-@ops_from_config
-def run_pipeline(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
+PROTOCOLS = ("unsupervised", "semi", "distance_match")
+SUMMARY_KEYS = ("mIoU", "mBIoU", "Acc", "FMeasure", "S", "MS", "ML", "L")
+
+
+def protocol_list(cfg: dict) -> list[str]:
+    """The config's `protocols` (default: the unsupervised one only), checked."""
+    listed = cfg.get("protocols", ["unsupervised"])
+    if isinstance(listed, str):
+        listed = [listed]
+    unknown = [p for p in listed or [] if p not in PROTOCOLS]
+    if unknown or not listed:
+        raise LusscoreError(f"protocols must be a non-empty subset of {list(PROTOCOLS)}, got {listed}")
+    return [p for p in PROTOCOLS if p in listed]
+
+
+def protocol_metrics_path(run_dir: Path, protocol: str) -> Path:
+    return run_dir / ("metrics.json" if protocol == "unsupervised" else f"{protocol}/metrics.json")
+
+
+def summarize(protocol: str, result: dict) -> dict:
+    out = {k: result.get(k) for k in SUMMARY_KEYS}
+    out["match"] = "none" if result.get("match") is None else "hungarian"
+    out["metrics"] = protocol_metrics_path(Path(""), protocol).as_posix()
+    return _plain(out)
+
+
+def format_protocols(summary: dict) -> str:
+    fmt = lambda v: "nan" if v is None else f"{v:.2f}"
+    lines = [f"{'protocol':<16} {'mIoU':>7} {'mBIoU':>7} {'Acc':>7} {'F':>7}  match"]
+    for name, m in summary.items():
+        lines.append(f"{name:<16} {fmt(m['mIoU']):>7} {fmt(m['mBIoU']):>7} {fmt(m['Acc']):>7} "
+                     f"{fmt(m['FMeasure']):>7}  {m['match']}")
+    return "\n".join(lines)
+
+
+def run_unsupervised(cfg: dict, run_dir: Path, rt: Runtime, train, timings: StageTimings) -> dict:
     from lusscore.stages.attention import train_attention
     from lusscore.stages.cluster import run_cluster
     from lusscore.stages.finetune import finetune
     from lusscore.stages.infer import predict_split
-    from lusscore.stages.pretrain import pretrain
     from lusscore.stages.sweep_tau import format_sweep, run_sweep
 
     ds = dataset_of(cfg)
-    train = ds.image_samples("train")
-    timings = StageTimings(run_dir, rt)
-    for stage, fn in (("pretrain", pretrain), ("attention", train_attention)):
-        if StageCheckpoint(run_dir, stage, rt, cfg).is_done():
-            log(rt, f"{stage}: complete, skipped")
-        else:
-            log(rt, f"{stage}: {cfg[stage]['epochs']} epochs on {len(train)} images")
-            fn(cfg, run_dir, rt, train)
-        timings.lap(stage)
+    if StageCheckpoint(run_dir, "attention", rt, cfg).is_done():
+        log(rt, "attention: complete, skipped")
+    else:
+        log(rt, f"attention: {cfg['attention']['epochs']} epochs on {len(train)} images")
+        train_attention(cfg, run_dir, rt, train)
+    timings.lap("attention")
 
     if (run_dir / "cluster" / "summary.json").is_file():
         cluster = json.loads((run_dir / "cluster" / "summary.json").read_text())
@@ -178,6 +221,56 @@ def run_pipeline(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
     result = evaluate_predictions(cfg, run_dir, rt)
     timings.lap("evaluate")
     return result
+
+
+def run_protocol(cfg: dict, run_dir: Path, rt: Runtime, protocol: str) -> dict:
+    """semi or distance_match; skipped (its metrics read back) when its metrics.json exists."""
+    path = protocol_metrics_path(run_dir, protocol)
+    if path.is_file():
+        log(rt, f"{protocol}: complete ({path}), skipped")
+        return json.loads(path.read_text())
+    if protocol == "semi":
+        from lusscore.stages.semi import run_semi
+        log(rt, f"semi: {cfg['semi']['epochs']} epochs on the train-semi GT, then validation")
+        result = run_semi(cfg, run_dir, rt)
+    else:
+        from lusscore.stages.distance_match import run_distance_match
+        log(rt, "distance_match: train-semi region bank, kNN on validation pixels")
+        result = run_distance_match(cfg, run_dir, rt)
+    log(rt, f"{protocol}: mIoU {result['mIoU']:.2f}")
+    return result
+
+
+@ops_from_config
+def run_pipeline(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
+    """Pretrain, then every listed protocol; returns the unsupervised result (or the first
+    listed protocol's). Writes <run>/protocols.json and prints the side-by-side table."""
+    from lusscore.stages.pretrain import pretrain
+
+    run_dir = Path(run_dir)
+    protocols = protocol_list(cfg)
+    ds = dataset_of(cfg)
+    train = ds.image_samples("train")
+    timings = StageTimings(run_dir, rt)
+    if StageCheckpoint(run_dir, "pretrain", rt, cfg).is_done():
+        log(rt, "pretrain: complete, skipped")
+    else:
+        log(rt, f"pretrain: {cfg['pretrain']['epochs']} epochs on {len(train)} images")
+        pretrain(cfg, run_dir, rt, train)
+    timings.lap("pretrain")
+
+    results = {}
+    for protocol in protocols:
+        if protocol == "unsupervised":
+            results[protocol] = run_unsupervised(cfg, run_dir, rt, train, timings)
+        else:
+            results[protocol] = run_protocol(cfg, run_dir, rt, protocol)
+            timings.lap(protocol)
+    summary = {p: summarize(p, r) for p, r in results.items()}
+    if rt.is_main:
+        atomic_write_text(run_dir / "protocols.json", json.dumps(summary, indent=1))
+        print(format_protocols(summary), flush=True)
+    return results[protocols[0]]
 
 
 def add_arguments(parser):
