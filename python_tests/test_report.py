@@ -300,8 +300,13 @@ def test_report_of_a_real_tiny_pipeline_run(tmp_path):
     assert f"{result['mIoU']:.2f}" in page
     sweep = json.loads((run / "sweep_tau.json").read_text())
     assert f"best tau {sweep['best_tau']:.3f}" in page
-    for stage in ("pretrain", "attention", "finetune"):
+    for stage in ("pretrain", "attention", "finetune", "semi"):
         assert_valid_png(run / "report" / f"loss_{stage}.png")
     for link in links_of(run / "report" / "index.html"):
         assert_valid_png(run / "report" / link)
-    assert "semi-supervised (no semi/metrics.json)" in page
+    # the demo config runs all three protocols: each one's mIoU is on the page, none is missing
+    protocols = json.loads((run / "protocols.json").read_text())
+    assert set(protocols) == {"unsupervised", "semi", "distance_match"}
+    for summary in protocols.values():
+        assert f"{summary['mIoU']:.2f}" in page
+    assert "metrics.json)" not in page
