@@ -46,6 +46,17 @@ def label_split(cfg: dict, run_dir: Path, rt: Runtime, split: str, tau: float,
     return stats
 
 
+def report_attention_foreground(cfg: dict, run_dir: Path, rt: Runtime, tau: float) -> dict:
+    """Score the validation attention maps against GT foreground; <run>/attention_score.json."""
+    from lusscore.diagnostics import attention_foreground, format_foreground
+    ds = dataset_of(cfg)
+    scores = attention_foreground(ds.segmentation_samples("validation"),
+                                  run_dir / "labels" / "validation", tau)
+    atomic_write_text(run_dir / "attention_score.json", json.dumps(_plain(scores), indent=1))
+    log(rt, format_foreground(scores))
+    return scores
+
+
 def evaluate_predictions(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
     from lusscore.stages.evaluate import evaluate, format_table
     ds = dataset_of(cfg)
@@ -112,6 +123,7 @@ def run_pipeline(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
         cfg["label"]["tau"] = summary["best_tau"]
         if rt.is_main:
             print(format_sweep(summary))
+            report_attention_foreground(cfg, run_dir, rt, summary["best_tau"])
     tau = float(cfg["label"]["tau"])
     log(rt, f"label train: tau {tau:.3f}")
     label_split(cfg, run_dir, rt, "train", tau, save_attention=False)
