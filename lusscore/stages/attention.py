@@ -3,7 +3,9 @@ attention-pooled features of a frozen backbone (queue from epoch 0).
 
 Starts from <run>/pretrain.pt; writes <run>/attention.pt holding 'backbone', 'attention',
 'projection', 'prototypes' and the run config. Faithful to the reference code, the frozen
-backbone's BN statistics keep updating (attention.freeze_bn: true turns that off).
+backbone's and the projection head's BN statistics keep updating (attention.freeze_bn and
+attention.freeze_projection_bn: true turn that off), and the optimizer is plain SGD with
+momentum (attention.optimizer: sgd; lars is the pretrain optimizer).
 """
 from __future__ import annotations
 
@@ -17,8 +19,16 @@ from tqdm import tqdm
 
 from lusscore.checkpoint import load_checkpoint
 from lusscore.data.views import MultiCropTransform, collate_multicrop
-from lusscore.engine import (JsonlLog, Runtime, StageCheckpoint, autocast, make_loader, prepare_model,
-                             set_lr, unwrap)
+from lusscore.engine import (
+    JsonlLog,
+    Runtime,
+    StageCheckpoint,
+    autocast,
+    make_loader,
+    prepare_model,
+    set_lr,
+    unwrap,
+)
 from lusscore.losses.swav import Prototypes
 from lusscore.models import ProjectionHead, ResNetTrunk
 from lusscore.models.pixel_attention import PixelAttention
@@ -43,13 +53,18 @@ class AttentionModel(nn.Module):
         self.attention = PixelAttention(c4, hidden=acfg.get("hidden"), upsample=acfg.get("upsample", 4),
                                         pool_features=acfg.get("pool_features", "normalized"))
         self.freeze_bn = bool(acfg.get("freeze_bn", False))
+        self.freeze_projection_bn = bool(acfg.get("freeze_projection_bn", False))
         for module in (self.backbone, self.projection):
             for p in module.parameters():
                 p.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.projection.eval()  # frozen head: its BN uses the pretrain statistics
+        # As the reference code (model.train()), the frozen head's BNs normalise with batch
+        # statistics: the pooled normalised features are on another scale than the
+        # pretrain's mean-pooled raw map, so its running statistics would not fit them.
+        if self.freeze_projection_bn:
+            self.projection.eval()
         if self.freeze_bn:
             self.backbone.eval()
         return self
@@ -73,6 +88,22 @@ class AttentionModel(nn.Module):
             getattr(self, name).load_state_dict(sub)
 
 
+OPTIMIZERS = ("sgd", "lars")
+
+
+def attention_optimizer(params, acfg: dict) -> torch.optim.Optimizer:
+    """Plain SGD with momentum, as the reference code's attention stage (attention.optimizer:
+    sgd, the default). LARS (trust 0.001, the pretrain optimizer) scales each step to ~0.1% of
+    the weights' norm times the lr, which leaves the freshly initialised M_A almost untouched."""
+    name = acfg.get("optimizer", "sgd")
+    lr, wd = acfg["base_lr"], acfg.get("weight_decay", 1e-6)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    if name == "lars":
+        return LARS(params, lr=lr, momentum=0.9, weight_decay=wd)
+    raise LusscoreError(f"attention.optimizer must be one of {OPTIMIZERS}, not {name!r}")
+
+
 @ops_from_config
 def train_attention(cfg: dict, run_dir: Path, rt: Runtime, samples) -> AttentionModel:
     acfg, pcfg = cfg["attention"], cfg["pretrain"]
@@ -90,7 +121,7 @@ def train_attention(cfg: dict, run_dir: Path, rt: Runtime, samples) -> Attention
     core.load_pretrain(load_checkpoint(pretrain_ck))
     model = prepare_model(core, rt)
     trainable = [p for p in core.parameters() if p.requires_grad]
-    optimizer = LARS(trainable, lr=acfg["base_lr"], momentum=0.9, weight_decay=acfg.get("weight_decay", 1e-6))
+    optimizer = attention_optimizer(trainable, acfg)
     epochs, iters = int(acfg["epochs"]), len(loader)
     lrs = cosine_schedule(acfg["base_lr"], acfg["final_lr"], epochs * iters)
     queue_len = int(acfg.get("queue_length", 0)) // rt.world_size

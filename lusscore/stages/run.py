@@ -56,6 +56,17 @@ def label_split(cfg: dict, run_dir: Path, rt: Runtime, split: str, tau: float,
     return stats
 
 
+def report_attention_foreground(cfg: dict, run_dir: Path, rt: Runtime, tau: float) -> dict:
+    """Score the validation attention maps against GT foreground; <run>/attention_score.json."""
+    from lusscore.diagnostics import attention_foreground, format_foreground
+    ds = dataset_of(cfg)
+    scores = attention_foreground(ds.segmentation_samples("validation"),
+                                  run_dir / "labels" / "validation", tau)
+    atomic_write_text(run_dir / "attention_score.json", json.dumps(_plain(scores), indent=1))
+    log(rt, format_foreground(scores))
+    return scores
+
+
 def evaluate_predictions(cfg: dict, run_dir: Path, rt: Runtime, pred_dir: Path | None = None,
                          out_dir: Path | None = None, match: str = "hungarian") -> dict:
     """Evaluate a protocol's validation predictions (default: the unsupervised ones under
@@ -200,6 +211,7 @@ def run_unsupervised(cfg: dict, run_dir: Path, rt: Runtime, train, timings: Stag
         cfg["label"]["tau"] = summary["best_tau"]
         if rt.is_main:
             print(format_sweep(summary))
+            report_attention_foreground(cfg, run_dir, rt, summary["best_tau"])
     timings.lap("sweep_tau")  # labelling validation with attention maps + the tau sweep
     tau = float(cfg["label"]["tau"])
     log(rt, f"label train: tau {tau:.3f}")

@@ -1,0 +1,84 @@
+"""The attention stage's training set-up: SGD (as the reference code) so M_A really moves,
+the frozen projection head's BN in batch-statistics mode, and `luss run`'s attention score."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lusscore.config import apply_overrides, load_config
+from lusscore.data import ImageNetS, read_label_png
+from lusscore.data.synthetic import SynthConfig, generate_dataset
+from lusscore.engine import Runtime
+from lusscore.optim import LARS
+from lusscore.stages.attention import AttentionModel, attention_optimizer
+from lusscore.stages.pretrain import pass_losses
+from lusscore.stages.run import report_attention_foreground
+from lusscore.utils import LusscoreError
+
+TINY_MODEL = ["model.width=8", "model.hidden_mlp=16", "model.feat_dim=8", "model.num_prototypes=6"]
+
+
+def _cfg(*overrides):
+    return apply_overrides(load_config("demo"), TINY_MODEL + list(overrides))
+
+
+def test_optimizer_choice():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    assert type(attention_optimizer(p, {"base_lr": 1.0})) is torch.optim.SGD
+    assert isinstance(attention_optimizer(p, {"base_lr": 1.0, "optimizer": "lars"}), LARS)
+    with pytest.raises(LusscoreError, match="attention.optimizer"):
+        attention_optimizer(p, {"base_lr": 1.0, "optimizer": "adam"})
+
+
+def test_bn_modes_in_training():
+    model = AttentionModel(_cfg()).train()
+    assert model.projection.training and model.backbone.training and model.attention.training
+    frozen = AttentionModel(_cfg("attention.freeze_projection_bn=true", "attention.freeze_bn=true")).train()
+    assert not frozen.projection.training and not frozen.backbone.training
+    assert frozen.attention.training
+    assert not any(p.requires_grad for p in frozen.projection.parameters())
+
+
+def _relative_change_of_m_a(optimizer_name, steps=3):
+    torch.manual_seed(0)
+    cfg = _cfg(f"attention.optimizer={optimizer_name}")
+    model = AttentionModel(cfg).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = attention_optimizer(trainable, cfg["attention"])
+    convs = [m.weight for m in model.attention.mlp if isinstance(m, torch.nn.Conv2d)]
+    before = [w.detach().clone() for w in convs]
+    crops = [torch.randn(8, 3, 48, 48), torch.randn(8, 3, 48, 48)]
+    for _ in range(steps):
+        model.prototypes.normalize_()
+        loss, _ = pass_losses(model(crops), 8, 2, {"swav": 1.0}, cfg["pretrain"], None,
+                              model.prototypes.weight)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return max(float((a - b).norm() / b.norm()) for a, b in zip(convs, before))
+
+
+def test_sgd_moves_the_attention_and_lars_hardly_does():
+    # The demo's lr: LARS scales each step to trust (0.001) x lr x ||w||, SGD does not.
+    sgd, lars = _relative_change_of_m_a("sgd"), _relative_change_of_m_a("lars")
+    assert lars < 0.01
+    assert sgd > 10 * lars
+
+
+def test_run_reports_attention_foreground(tmp_path):
+    root = tmp_path / "data"
+    generate_dataset(root, SynthConfig(classes=2, train_per_class=1, val_per_class=2, semi_per_class=0,
+                                       size=32, seed=1), progress=False)
+    cfg = apply_overrides(load_config("demo"), [f"data.root={root}", "data.num_classes=2"])
+    run = tmp_path / "run"
+    labels = run / "labels" / "validation"
+    for s in ImageNetS(root).segmentation_samples("validation"):
+        gt = read_label_png(s.label)
+        att = np.where((gt != 0) & (gt != 1000), 0.8, 0.2).astype(np.float32)[::4, ::4]
+        (labels / s.name).parent.mkdir(parents=True, exist_ok=True)
+        np.save((labels / s.name).with_suffix(".npy"), att)
+    scores = report_attention_foreground(cfg, run, Runtime(torch.device("cpu")), tau=0.5)
+    assert scores["auc"] > 0.8 and scores["fg_mean"] > scores["bg_mean"]
+    saved = json.loads((run / "attention_score.json").read_text())
+    assert saved["auc"] == pytest.approx(scores["auc"]) and saved["tau"] == 0.5
