@@ -61,6 +61,19 @@ __device__ __forceinline__ float to_float(T v) {
   return static_cast<float>(v);
 }
 
+// The canonical (exact, device-independent) score of one row against centroid c, computed by
+// a whole warp: lane l's partial (kmeans_kernel.h), then the fixed xor butterfly.
+template <typename T>
+__device__ __forceinline__ double canonical_score_warp(Metric metric, const T* xr, const float* c,
+                                                       int64_t d, int lane) {
+  double p = kmeans::canonical_partial(metric, xr, c, d, lane);
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    p = __dadd_rn(p, __shfl_xor_sync(0xffffffffu, p, offset));
+  }
+  return metric == Metric::L2 ? p : -p;
+}
+
 __device__ __forceinline__ float warp_min(float v) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, offset));
@@ -144,12 +157,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
           const int bit = __ffs(mask) - 1;
           mask &= mask - 1;
           const int64_t jj = k0 + base + bit;
-          double p = kmeans::canonical_partial(metric, xr, c32 + jj * d, d, lane);
-#pragma unroll
-          for (int offset = 16; offset > 0; offset >>= 1) {
-            p = __dadd_rn(p, __shfl_xor_sync(0xffffffffu, p, offset));
-          }
-          const double score = metric == Metric::L2 ? p : -p;
+          const double score = canonical_score_warp(metric, xr, c32 + jj * d, d, lane);
           if (kmeans::assign_better<double>(score, jj, exact, best_index)) {
             exact = score;
             best_index = jj;
@@ -585,12 +593,7 @@ __global__ void __launch_bounds__(fused::kThreads, 2)
     const bool unique = static_cast<double>(b2) > static_cast<double>(b1) + margin;
     double score = 0.0;
     if (unique) {
-      double p = kmeans::canonical_partial(metric, xr, c32 + int64_t(i1) * d, d, lane);
-#pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) {
-        p = __dadd_rn(p, __shfl_xor_sync(0xffffffffu, p, offset));
-      }
-      score = metric == Metric::L2 ? p : -p;
+      score = canonical_score_warp(metric, xr, c32 + int64_t(i1) * d, d, lane);
     }
     if (lane == 0) {
       io.labels[row] = i1;
@@ -625,12 +628,7 @@ __global__ void __launch_bounds__(kWarpsPerBlock * 32)
     int64_t best_index = 0;
     for (int q = 0; q < count; ++q) {
       const int64_t j = candidates[r * fused::kMaxCandidates + q];
-      double p = kmeans::canonical_partial(metric, xr, c32 + j * d, d, lane);
-#pragma unroll
-      for (int offset = 16; offset > 0; offset >>= 1) {
-        p = __dadd_rn(p, __shfl_xor_sync(0xffffffffu, p, offset));
-      }
-      const double score = metric == Metric::L2 ? p : -p;
+      const double score = canonical_score_warp(metric, xr, c32 + j * d, d, lane);
       if (kmeans::assign_better<double>(score, j, best, best_index)) {
         best = score;
         best_index = j;

@@ -175,6 +175,15 @@ def format_protocols(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def train_stage(cfg: dict, run_dir: Path, rt: Runtime, stage: str, fn, train) -> None:
+    """Train one image-level stage (pretrain, attention) unless its checkpoint is complete."""
+    if StageCheckpoint(run_dir, stage, rt, cfg).is_done():
+        log(rt, f"{stage}: complete, skipped")
+    else:
+        log(rt, f"{stage}: {cfg[stage]['epochs']} epochs on {len(train)} images")
+        fn(cfg, run_dir, rt, train)
+
+
 def run_unsupervised(cfg: dict, run_dir: Path, rt: Runtime, train, timings: StageTimings) -> dict:
     from lusscore.stages.attention import train_attention
     from lusscore.stages.cluster import run_cluster
@@ -183,11 +192,7 @@ def run_unsupervised(cfg: dict, run_dir: Path, rt: Runtime, train, timings: Stag
     from lusscore.stages.sweep_tau import format_sweep, run_sweep
 
     ds = dataset_of(cfg)
-    if StageCheckpoint(run_dir, "attention", rt, cfg).is_done():
-        log(rt, "attention: complete, skipped")
-    else:
-        log(rt, f"attention: {cfg['attention']['epochs']} epochs on {len(train)} images")
-        train_attention(cfg, run_dir, rt, train)
+    train_stage(cfg, run_dir, rt, "attention", train_attention, train)
     timings.lap("attention")
 
     if (run_dir / "cluster" / "summary.json").is_file():
@@ -264,11 +269,7 @@ def run_pipeline(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
     ds = dataset_of(cfg)
     train = ds.image_samples("train")
     timings = StageTimings(run_dir, rt)
-    if StageCheckpoint(run_dir, "pretrain", rt, cfg).is_done():
-        log(rt, "pretrain: complete, skipped")
-    else:
-        log(rt, f"pretrain: {cfg['pretrain']['epochs']} epochs on {len(train)} images")
-        pretrain(cfg, run_dir, rt, train)
+    train_stage(cfg, run_dir, rt, "pretrain", pretrain, train)
     timings.lap("pretrain")
 
     results = {}
