@@ -56,7 +56,7 @@ def _relative_change_of_m_a(optimizer_name, steps=3):
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return max(float((a - b).norm() / b.norm()) for a, b in zip(convs, before))
+    return max(float((a.detach() - b).norm() / b.norm()) for a, b in zip(convs, before))
 
 
 def test_sgd_moves_the_attention_and_lars_hardly_does():
