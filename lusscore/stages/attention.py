@@ -23,7 +23,6 @@ from lusscore.engine import (
     JsonlLog,
     Runtime,
     StageCheckpoint,
-    autocast,
     make_loader,
     prepare_model,
     set_lr,
@@ -35,7 +34,7 @@ from lusscore.models.pixel_attention import PixelAttention
 from lusscore.ops.switch import ops_from_config
 from lusscore.optim import LARS, cosine_schedule
 from lusscore.stages.common import add_run_arguments, dataset_of, run_training_stage
-from lusscore.stages.pretrain import ImageFiles, SwAVQueue, pass_losses, queue_state
+from lusscore.stages.pretrain import ImageFiles, SwAVQueue, multicrop_forward, pass_losses, queue_state
 from lusscore.utils import LusscoreError
 
 
@@ -145,11 +144,7 @@ def train_attention(cfg: dict, run_dir: Path, rt: Runtime, samples) -> Attention
             t0 = time.perf_counter()
             step = epoch * iters + it
             set_lr(optimizer, lrs[step])
-            core.prototypes.normalize_()
-            groups = [g.to(rt.device, non_blocking=True) for g in batch.by_size()]
-            bs = batch.images[0].shape[0]
-            with autocast(rt):
-                out = model(groups)
+            out, bs = multicrop_forward(model, core, batch, rt)
             loss, _ = pass_losses(out, bs, 2, {"swav": 1.0}, pcfg, queue, core.prototypes.weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

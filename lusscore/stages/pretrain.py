@@ -16,8 +16,16 @@ from tqdm import tqdm
 
 from lusscore.data.label_io import read_image
 from lusscore.data.views import MultiCropTransform, collate_multicrop
-from lusscore.engine import (JsonlLog, Runtime, StageCheckpoint, autocast, make_loader, prepare_model,
-                             set_lr, unwrap)
+from lusscore.engine import (
+    JsonlLog,
+    Runtime,
+    StageCheckpoint,
+    autocast,
+    make_loader,
+    prepare_model,
+    set_lr,
+    unwrap,
+)
 from lusscore.losses.p2p import P2PLoss
 from lusscore.losses.swav import Prototypes, sinkhorn, swapped_prediction_loss
 from lusscore.models import D2SHead, ProjectionHead, ResNetTrunk
@@ -130,6 +138,16 @@ def pass_losses(out: dict, batch_size: int, n_crops: int, weights: dict, pcfg: d
     return total, parts
 
 
+def multicrop_forward(model, core, batch, rt: Runtime):
+    """One SwAV-style forward of a multi-crop batch: prototypes re-normalised first, crops of
+    each size as one group on the device. -> (model output, images per crop)."""
+    core.prototypes.normalize_()
+    groups = [g.to(rt.device, non_blocking=True) for g in batch.by_size()]
+    with autocast(rt):
+        out = model(groups)
+    return out, batch.images[0].shape[0]
+
+
 def add_p2p(model: PASSPretrainModel, out: dict, batch, bs: int, weights: dict, total, parts):
     if model.p2p is None:
         return total
@@ -182,11 +200,7 @@ def pretrain(cfg: dict, run_dir: Path, rt: Runtime, samples: list[tuple[Path, in
             t0 = time.perf_counter()
             step = epoch * iters + it
             set_lr(optimizer, lrs[step])
-            core.prototypes.normalize_()
-            groups = [g.to(rt.device, non_blocking=True) for g in batch.by_size()]
-            bs = batch.images[0].shape[0]
-            with autocast(rt):
-                out = model(groups)
+            out, bs = multicrop_forward(model, core, batch, rt)
             total, parts = pass_losses(out, bs, n_crops, weights, pcfg, queue, core.prototypes.weight)
             total = add_p2p(core, out, batch, bs, weights, total, parts)
             optimizer.zero_grad(set_to_none=True)
