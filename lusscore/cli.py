@@ -19,13 +19,16 @@ COMMANDS = {
     "label": ("lusscore.stages.label", "pixel pseudo-labels from the attention model and centroids"),
     "sweep-tau": ("lusscore.stages.sweep_tau", "choose tau on validation (pseudo-label mIoU vs tau)"),
     "finetune": ("lusscore.stages.finetune", "fine-tune backbone + (K+1)-way head on pseudo labels"),
-    "infer": ("lusscore.stages.infer", "predict validation label maps with the fine-tuned model"),
+    "infer": ("lusscore.stages.infer", "predict a split's label maps with the fine-tuned model"),
     "run": ("lusscore.stages.run", "run every stage of a config in order, skipping completed ones"),
     "evaluate": ("lusscore.stages.evaluate", "ImageNet-S metrics of prediction PNGs (official numbers)"),
+    "baselines": ("lusscore.stages.baselines",
+                  "trivial floors (colour k-means, centre disc, all 'other') scored on a split"),
     "report": ("lusscore.stages.report", "one HTML page with figures of a finished run folder"),
     "semi": ("lusscore.stages.semi", "semi-supervised protocol: fine-tune on train-semi GT, evaluate"),
     "distance-match": ("lusscore.stages.distance_match",
                        "distance-matching protocol: kNN to train-semi regions, evaluate"),
+    "submit": ("lusscore.stages.submit", "zip a run's test predictions for the ImageNet-S test server"),
 }
 
 

@@ -2,7 +2,8 @@
 
 The page, <run>/report/index.html, shows: the run summary (config essentials, dataset,
 stage timings from the JSON-lines logs), the metric table of every protocol that was run
-(fully unsupervised, semi-supervised, distance matching) side by side, per-class IoU bars,
+(fully unsupervised, semi-supervised, distance matching) side by side with the trivial
+floors of <run>/baselines.json (`luss baselines`) when it exists, per-class IoU bars,
 the tau curve, the loss curves of each training stage and a grid of validation images
 (image, GT, pseudo label, the prediction of each protocol, mean attention).
 
@@ -392,6 +393,33 @@ def _figure(name: str, caption: str = "", alt: str = "") -> str:
             f"</a>{cap}</figure>")
 
 
+BASELINES = "baselines.json"  # written by `luss baselines` (lusscore.baselines)
+
+
+def floors_section(run_dir: Path, ran: list, metrics: dict) -> list[str]:
+    """The trivial floors of <run>/baselines.json in rows beside the protocols' main numbers;
+    a note when the file is absent or unreadable."""
+    from lusscore.baselines import read_baselines
+    path = run_dir / BASELINES
+    parts = ["<h3>Trivial floors (no learning)</h3>"]
+    if not path.is_file():
+        return parts + [(f'<p class="note">no {BASELINES}: write it with <code>luss baselines '
+                         f"--data ROOT --split validation --out {_e(path)}</code>.</p>")]
+    try:
+        base = read_baselines(path)
+    except LusscoreError as e:
+        return parts + [f'<p class="missing">{_e(e)}</p>']
+    header = ["protocol", "mIoU", "mBIoU", "Img-Acc", "F-measure"]
+    rows = [[p.title] + [fmt(metrics[p.key].get(k)) for k in SUMMARY_KEYS] for p in ran]
+    rows += [[f"floor {name}"] + [fmt(m.get(k)) for k in SUMMARY_KEYS]
+             for name, m in base["floors"].items()]
+    note = (f'<p class="note">floors on split {_e(base.get("split", "?"))}, match '
+            f'{_e(base.get("match", "?"))}: colour_kmeans = K+1 RGB clusters (the '
+            "border's cluster is 'other'), centre_disc = a centred disc with one random "
+            "id per image, all_other = every pixel 'other'.</p>")
+    return parts + [_table(header, rows), note]
+
+
 def _get(cfg: dict, dotted: str):
     node = cfg
     for part in dotted.split("."):
@@ -505,6 +533,7 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
             for p in not_ran) + "</p>")
     parts.append('<p class="note">S, MS, ML, L: mIoU of the objects by size bucket '
                  "(small to large); B*: their boundary mIoU.</p>")
+    parts += floors_section(run_dir, ran, metrics)
 
     # --- per-class IoU
     parts.append("<h2>Per-class IoU</h2>")

@@ -361,7 +361,8 @@ def test_luss_run_with_reference_ops_calls_no_kernel(tmp_path, monkeypatch):
     timings = json.loads((run / "timings.json").read_text())
     assert timings["ops"] == "reference"
     assert list(timings["stages_s"]) == ["pretrain", "attention", "cluster", "sweep_tau", "label",
-                                         "finetune", "infer", "evaluate", "semi", "distance_match"]
+                                         "finetune", "infer", "evaluate", "semi", "distance_match",
+                                         "baselines"]
     assert all(t >= 0 for t in timings["stages_s"].values())
     assert timings["total_s"] == pytest.approx(sum(timings["stages_s"].values()), rel=1e-6)
     assert json.loads((run / "metrics.json").read_text())["mIoU"] >= 0

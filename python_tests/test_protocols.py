@@ -328,9 +328,9 @@ def test_distance_match_writes_outputs_and_resumes(tmp_path, tiny_root, monkeypa
     monkeypatch.setattr(dm, "build_bank", fail)
     backbone = dm.load_pretrain_backbone(cfg, run, CPU)
     bank = dm.load_or_build_bank(cfg, run, CPU)
-    assert dm.predict_validation(backbone, bank, samples, out, cfg, CPU, progress=False) == 0
+    assert dm.predict_knn(backbone, bank, samples, out, cfg, CPU, progress=False) == 0
     (out / samples[0].name).write_bytes(b"torn")
-    assert dm.predict_validation(backbone, bank, samples, out, cfg, CPU, progress=False) == 1
+    assert dm.predict_knn(backbone, bank, samples, out, cfg, CPU, progress=False) == 1
     again = dm.run_distance_match(cfg, run, CPU)
     assert again["mIoU"] == pytest.approx(result["mIoU"])
 

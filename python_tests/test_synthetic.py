@@ -11,9 +11,11 @@ from lusscore.data.synthetic import (PENDING_FILE, SUMMARY_FILE, SynthConfig, ge
                                      render_sample, size_bucket, wnids)
 from lusscore.utils import LusscoreError
 
-TINY = SynthConfig(classes=3, train_per_class=3, val_per_class=2, semi_per_class=1, size=40)
+TINY = SynthConfig(classes=3, train_per_class=3, val_per_class=2, semi_per_class=1,
+                   test_per_class=2, size=40)
 # Big enough for stable statistics, small enough to generate in about a second.
-MEDIUM = SynthConfig(classes=6, train_per_class=30, val_per_class=6, semi_per_class=2, size=64)
+MEDIUM = SynthConfig(classes=6, train_per_class=30, val_per_class=6, semi_per_class=2,
+                     test_per_class=3, size=64)
 
 
 def files_of(root: Path) -> dict[str, bytes]:
@@ -32,7 +34,8 @@ def medium(tmp_path_factory):
 
 @pytest.mark.parametrize("kwargs", [
     dict(classes=0), dict(classes=1000), dict(size=31), dict(size=5000),
-    dict(train_per_class=0), dict(val_per_class=-1), dict(semi_per_class=-2), dict(seed=-1),
+    dict(train_per_class=0), dict(val_per_class=-1), dict(semi_per_class=-2),
+    dict(test_per_class=-1), dict(seed=-1),
     dict(classes=2.5), dict(size="96"), dict(classes=True),
 ])
 def test_bad_config_is_refused(kwargs):
@@ -52,9 +55,9 @@ def test_bad_arguments_are_refused(tmp_path):
 
 def test_defaults():
     c = SynthConfig()
-    assert (c.classes, c.train_per_class, c.val_per_class, c.semi_per_class, c.size, c.seed) == \
-        (6, 80, 12, 4, 96, 0)
-    assert c.num_images == 6 * (80 + 12 + 4)
+    assert (c.classes, c.train_per_class, c.val_per_class, c.semi_per_class, c.test_per_class,
+            c.size, c.seed) == (6, 80, 12, 4, 20, 96, 0)
+    assert c.num_images == 6 * (80 + 12 + 4 + 20)
 
 
 def test_size_bucket_edges():
@@ -122,7 +125,7 @@ def test_layout_is_readable_by_imagenet_s(tmp_path):
         assert read_label_png(label).shape == size[::-1]
     assert not list((root / "train").rglob("*.png"))
 
-    for split, per_class in (("validation", 2), ("train-semi", 1)):
+    for split, per_class in (("validation", 2), ("train-semi", 1), ("test", 2)):
         samples = ds.segmentation_samples(split)
         assert len(samples) == 3 * per_class
         pairs = read_names(root / "names" / f"{split}.txt")
@@ -133,23 +136,28 @@ def test_layout_is_readable_by_imagenet_s(tmp_path):
             with Image.open(s.image) as im:
                 w, h = im.size
             assert read_label_png(s.label).shape == (h, w)
-    # Validation and train-semi names do not collide with train names.
-    val_names = {s.image.name for s in ds.segmentation_samples("validation")}
-    semi_names = {s.image.name for s in ds.segmentation_samples("train-semi")}
-    train_names = {p.name for p, _ in train}
-    assert not (val_names & train_names) and not (semi_names & train_names)
+    # No image name is shared between two splits.
+    names = {split: {s.image.name for s in ds.segmentation_samples(split)}
+             for split in ("validation", "train-semi", "test")}
+    names["train"] = {p.name for p, _ in train}
+    for a in names:
+        for b in names:
+            assert a == b or not (names[a] & names[b]), (a, b)
+    assert all(n.startswith("ILSVRC2012_test_") for n in names["test"])
+    assert ds.has_labels("test") and (root / "test-segmentation").is_dir()
 
     stored = json.loads((root / SUMMARY_FILE).read_text())
     assert stored == summary
     assert stored["config"] == TINY.__dict__
-    assert stored["counts"] == {"train": 9, "train-semi": 3, "validation": 6}
+    assert stored["counts"] == {"train": 9, "train-semi": 3, "validation": 6, "test": 6}
     assert not (root / PENDING_FILE).exists()
 
 
 # ----------------------------------------------------------------------------- statistics
 
 def _all_labels(root: Path):
-    for folder in ("train-segmentation", "train-semi-segmentation", "validation-segmentation"):
+    for folder in ("train-segmentation", "train-semi-segmentation", "validation-segmentation",
+                   "test-segmentation"):
         for p in sorted((root / folder).rglob("*.png")):
             yield p, read_label_png(p)
 
@@ -195,30 +203,66 @@ def test_statistics(medium):
     assert 0.2 < summary["mean_object_share"] < 0.6  # objects large on average
 
 
-def test_classes_differ_in_colour_not_background(medium):
-    """Object colour statistics separate the classes; background statistics do not."""
-    root, _ = medium
-    k = MEDIUM.classes
-    obj_hue = [[] for _ in range(k)]
-    bg_mean = [[] for _ in range(k)]
+def _hue_histograms(root: Path, k: int, region: str, bins: int = 6):
+    """Per train image: (its class index, the hue histogram of its object (or background)
+    pixels, summing to 1)."""
+    classes, hists = [], []
     for path, label in _all_labels(root):
         if "train-segmentation" not in path.parts:
             continue
-        split_dir = root / "train" / path.parent.name / (path.stem + ".JPEG")
-        rgb = np.asarray(Image.open(split_dir).convert("RGB"), np.float32) / 255
-        hsv = np.asarray(Image.open(split_dir).convert("HSV"), np.float32) / 255
+        image = root / "train" / path.parent.name / (path.stem + ".JPEG")
+        hsv = np.asarray(Image.open(image).convert("HSV"), np.float32) / 256
         c = wnids(k).index(path.parent.name)
-        obj = label == c + 1
-        # Circular mean hue of the saturated object pixels.
-        ang = hsv[..., 0][obj] * 2 * np.pi
-        obj_hue[c].append(np.angle(np.mean(np.exp(1j * ang))) / (2 * np.pi) % 1)
-        bg_mean[c].append(rgb[label == 0].mean(0))
-    hue = np.array([np.angle(np.mean(np.exp(2j * np.pi * np.array(h)))) / (2 * np.pi) % 1
-                    for h in obj_hue])
-    gaps = np.abs((hue[:, None] - hue[None, :] + 0.5) % 1 - 0.5)[~np.eye(k, dtype=bool)]
-    assert gaps.min() > 0.08  # distinct class hues (evenly spaced: 1/6 apart)
-    bg = np.array([np.mean(b, 0) for b in bg_mean])
-    assert np.abs(bg - bg.mean(0)).max() < 0.08  # the same background law for all classes
+        pixels = label == (c + 1 if region == "object" else 0)
+        h = np.bincount((hsv[..., 0][pixels] * bins).astype(int), minlength=bins)[:bins]
+        classes.append(c)
+        hists.append(h / max(h.sum(), 1))
+    return np.array(classes), np.array(hists)
+
+
+def _largest_group_gap(groups: np.ndarray, hists: np.ndarray) -> float:
+    """Largest gap between a group's mean histogram and the pooled one."""
+    pooled = hists.mean(0)
+    return max(np.abs(hists[groups == g].mean(0) - pooled).max() for g in np.unique(groups))
+
+
+def test_colour_says_nothing_about_the_class(medium):
+    """Every class's objects (and backgrounds) show the pooled hue histogram, within
+    sampling noise; grouping the same images by colour shows what a class-coloured set
+    would give."""
+    root, _ = medium
+    k = MEDIUM.classes
+    for region in ("object", "background"):
+        classes, hists = _hue_histograms(root, k, region)
+        by_class = _largest_group_gap(classes, hists)
+        by_colour = _largest_group_gap(hists.argmax(1), hists)
+        assert by_class < 0.2 and by_colour > 2 * by_class, (region, by_class, by_colour)
+    # Objects and backgrounds draw from one palette.
+    obj = _hue_histograms(root, k, "object")[1].mean(0)
+    bg = _hue_histograms(root, k, "background")[1].mean(0)
+    assert np.abs(obj - bg).max() < 0.1, (obj.round(2), bg.round(2))
+
+
+def test_objects_stand_out_by_texture_contrast(medium):
+    """The objects' texture contrast (local value spread) exceeds the background's, so an
+    object is found by texture, not by colour."""
+    root, _ = medium
+    obj_spread, bg_spread = [], []
+    for path, label in _all_labels(root):
+        if "validation-segmentation" not in path.parts:
+            continue
+        image = root / "validation" / path.parent.name / (path.stem + ".JPEG")
+        v = np.asarray(Image.open(image).convert("L"), np.float32) / 255
+        local = np.abs(v - ndimage_uniform(v))
+        obj = (label > 0) & (label != IGNORE_INDEX)
+        obj_spread.append(local[obj].mean())
+        bg_spread.append(local[label == 0].mean())
+    assert np.median(obj_spread) > 1.5 * np.median(bg_spread)
+
+
+def ndimage_uniform(v: np.ndarray) -> np.ndarray:
+    from scipy import ndimage
+    return ndimage.uniform_filter(v, size=5)
 
 
 # ----------------------------------------------------------------------------- reuse

@@ -1,6 +1,6 @@
 """Data layer: ImageNet-S layout, label PNG codec, synthetic dataset."""
 from lusscore.data.imagenet_s import (  # noqa: F401
-    ImageNetS, SegmentationSample, benchmark_categories, benchmark_names, read_categories,
+    ImageNetS, ImageSample, SegmentationSample, benchmark_categories, benchmark_names, read_categories,
     read_names, write_categories, write_names, load_segmentation_pair, check_same_size,
 )
 from lusscore.data.label_io import (  # noqa: F401

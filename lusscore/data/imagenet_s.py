@@ -7,12 +7,16 @@ Root layout (that of the official benchmark)::
     train-semi-segmentation/<wnid>/*.png     their label PNGs
     validation/<wnid>/*.JPEG                 validation images
     validation-segmentation/<wnid>/*.png     their label PNGs
-    test/<wnid>/*.JPEG
+    test/<wnid>/*.JPEG                       held-out test images
+    test-segmentation/<wnid>/*.png           their label PNGs (synthetic sets only: the
+                                             benchmark keeps its test GT on its server)
 
 Class id k is the k-th wnid of the sorted category list (1..K); 0 = other, 1000 = ignore.
 A root may carry `categories.txt` (one wnid a line) and names files
 `names/<split>.txt` (`image-path label-path` lines, relative to the split's image and
 segmentation folders); without them the packaged benchmark lists or a folder scan are used.
+`has_labels(split)` tells whether a split has GT; `split_images(split)` lists a split's
+images with the names their label (or prediction) PNGs take, GT or not.
 """
 from __future__ import annotations
 
@@ -29,7 +33,8 @@ from lusscore.utils import LusscoreError, atomic_write_text
 SUBSETS = (50, 300, 919)
 IMAGE_SPLITS = ("train", "train-semi", "validation", "test")
 SEGMENTATION_SPLITS = {"train-semi": "train-semi-segmentation",
-                       "validation": "validation-segmentation"}
+                       "validation": "validation-segmentation",
+                       "test": "test-segmentation"}
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png")
 CATEGORIES_FILE = "categories.txt"
 
@@ -96,9 +101,19 @@ def write_names(path: str | os.PathLike, pairs: list[tuple[str, str]]) -> None:
     atomic_write_text(path, "".join(f"{img} {lab}\n" for img, lab in pairs))
 
 
+def _iter_images(folder: Path):
+    return (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+
+
 def _scan_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(_iter_images(folder))
+
+
+@dataclass(frozen=True)
+class ImageSample:
+    """An image of a split, GT or not: what a prediction needs."""
+    image: Path
+    name: str  # its label (prediction) path relative to a label folder: 'n01443537/x.png'
 
 
 @dataclass(frozen=True)
@@ -166,16 +181,59 @@ class ImageNetS:
     def names_path(self, split: str) -> Path:
         return self.root / "names" / f"{split}.txt"
 
-    def segmentation_samples(self, split: str = "validation",
-                             names: str | os.PathLike | None = None) -> list[SegmentationSample]:
-        """Image/label pairs of 'validation' or 'train-semi', from a names file or a scan."""
+    def labels_dir(self, split: str) -> Path:
+        """The GT folder of a split with labels (e.g. validation-segmentation)."""
         if split not in SEGMENTATION_SPLITS:
             raise LusscoreError(f"splits with labels are {sorted(SEGMENTATION_SPLITS)}, not {split!r}")
-        img_dir, seg_dir = self.root / split, self.root / SEGMENTATION_SPLITS[split]
+        return self.root / SEGMENTATION_SPLITS[split]
+
+    def has_images(self, split: str) -> bool:
+        folder = self.split_dir(split)
+        return folder.is_dir() and next(_iter_images(folder), None) is not None
+
+    def has_labels(self, split: str) -> bool:
+        """Whether the split's GT folder exists and holds label PNGs (the benchmark's test
+        split has none: its GT stays on the evaluation server)."""
+        if split not in SEGMENTATION_SPLITS:
+            return False
+        folder = self.labels_dir(split)
+        return folder.is_dir() and next(folder.rglob("*.png"), None) is not None
+
+    def split_images(self, split: str, names: str | os.PathLike | None = None) -> list[ImageSample]:
+        """Every image of a split with its label name ('wnid/x.png'), whether or not the split
+        has GT: the names file's pairs (names, else names/<split>.txt) or a scan of the split
+        folder (the image path with a .png suffix)."""
+        img_dir = self.split_dir(split)
         names_file = Path(names) if names is not None else self.names_path(split)
         if names_file.is_file():
             pairs = read_names(names_file)
-        elif names is None and seg_dir.is_dir():
+        elif names is None and img_dir.is_dir():
+            pairs = [(p.relative_to(img_dir).as_posix(),
+                      p.relative_to(img_dir).with_suffix(".png").as_posix())
+                     for p in _scan_images(img_dir)]
+        elif names is not None:
+            raise FileNotFoundError(f"names file not found: {names_file}")
+        else:
+            raise FileNotFoundError(f"split folder not found: {img_dir}")
+        if not pairs:
+            raise LusscoreError(f"{names_file if names_file.is_file() else img_dir}: no {split} images")
+        seen: dict[str, str] = {}
+        for img, lab in pairs:  # two images with one label name would share a prediction
+            if lab in seen:
+                raise LusscoreError(f"{split}: images {seen[lab]} and {img} both map to {lab}")
+            seen[lab] = img
+        return [ImageSample(img_dir / i, l) for i, l in pairs]
+
+    def segmentation_samples(self, split: str = "validation",
+                             names: str | os.PathLike | None = None) -> list[SegmentationSample]:
+        """Image/label pairs of 'validation', 'train-semi' or 'test', from a names file or a scan."""
+        img_dir, seg_dir = self.root / split, self.labels_dir(split)
+        if not seg_dir.is_dir():  # e.g. the benchmark's test split: split_images lists its images
+            raise FileNotFoundError(f"GT folder not found: {seg_dir}")
+        names_file = Path(names) if names is not None else self.names_path(split)
+        if names_file.is_file():
+            pairs = read_names(names_file)
+        elif names is None:
             pairs = []
             for lab in _scan_images(seg_dir):
                 rel = lab.relative_to(seg_dir).with_suffix("")
@@ -187,6 +245,10 @@ class ImageNetS:
         else:
             raise FileNotFoundError(f"names file not found: {names_file}")
         return [SegmentationSample(img_dir / i, seg_dir / l, l) for i, l in pairs]
+
+    def prediction_samples(self, split: str) -> list[ImageSample] | list[SegmentationSample]:
+        """What to predict for a split: its image/label pairs when it has GT, else its images."""
+        return self.segmentation_samples(split) if self.has_labels(split) else self.split_images(split)
 
 
 def load_segmentation_pair(sample: SegmentationSample):

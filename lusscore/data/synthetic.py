@@ -1,9 +1,12 @@
 """A synthetic dataset in the ImageNet-S layout, small enough for a CPU demo.
 
 Each image holds one primary object (its folder's class) on an 'other' background, and
-about 8% hold a second, smaller object of another class. Classes differ in shape, texture
-and colour; the background (a muted gradient, smooth noise and grey-ish clutter) is drawn
-from one distribution for every class, so only the objects tell the classes apart.
+about 8% hold a second, smaller object of another class. A class is a (shape family,
+texture family) pair and nothing else: every colour in an image (the objects' two texture
+colours, the background gradient, the clutter) is drawn from one shared palette,
+independently of the class, so colour alone cannot tell a class from another or an object
+from the background. Distractor clutter shares the palette and some of the textures, at a
+lower contrast than the objects.
 
 Everything an image shows is a function of (seed, split, index): the output does not depend
 on the number of workers or the order of generation. Layout written under `out`::
@@ -13,7 +16,8 @@ on the number of workers or the order of generation. Layout written under `out`:
     train-segmentation/<wnid>/*.png        their labels (for pseudo-label evaluation only)
     train-semi/<wnid>/*.JPEG + train-semi-segmentation/<wnid>/*.png
     validation/<wnid>/*.JPEG + validation-segmentation/<wnid>/*.png
-    names/validation.txt, names/train-semi.txt
+    test/<wnid>/*.JPEG + test-segmentation/<wnid>/*.png   held out: never used for a choice
+    names/validation.txt, names/train-semi.txt, names/test.txt
     synth.json                             config + summary, written last (marks completion)
 """
 from __future__ import annotations
@@ -36,27 +40,38 @@ from lusscore.data.label_io import IGNORE_INDEX, write_label_png
 from lusscore.utils import LusscoreError, atomic_path, atomic_write_text
 
 # Bump when the drawing changes, so an old dataset is not taken for a new one.
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SUMMARY_FILE = "synth.json"
 PENDING_FILE = ".synth-pending.json"
 JPEG_QUALITY = 90
 
-SPLITS = ("train", "train-semi", "validation")
-_SPLIT_CODE = {"train": 0, "train-semi": 1, "validation": 2}
+SPLITS = ("train", "train-semi", "validation", "test")
+_SPLIT_CODE = {"train": 0, "train-semi": 1, "validation": 2, "test": 3}
 LABEL_FOLDERS = {"train": "train-segmentation", "train-semi": "train-semi-segmentation",
-                 "validation": "validation-segmentation"}
+                 "validation": "validation-segmentation", "test": "test-segmentation"}
+NAMED_SPLITS = ("validation", "train-semi", "test")  # the splits with a names file
 
 SIZE_BUCKETS = ("<=5%", "<=25%", "<=50%", ">50%")
 # Primary-object area (share of the image) aimed at per bucket, kept clear of the bucket
 # edges so clipping and occlusion rarely move an object to a neighbouring bucket.
 _TARGET_AREAS = ((0.015, 0.04), (0.08, 0.22), (0.29, 0.46), (0.56, 0.80))
 # Mostly large objects: a small CNN learns them quickly; small ones still cover bucket 1.
-_BUCKET_WEIGHTS = (0.12, 0.30, 0.30, 0.28)
+# With the loose centring below, this keeps the centre-disc floor under 15 mIoU.
+_BUCKET_WEIGHTS = (0.10, 0.20, 0.30, 0.40)
 MULTI_CLASS_SHARE = 0.08
+# An object's centre keeps this many radii from the image edge (or sits in the middle):
+# loose, so that objects are not where a centred disc puts them without looking.
+CENTRE_MARGIN = 0.3
+# Objects stand out by texture contrast: their two colours differ in value (brightness) by a
+# gap in this range. Clutter shows the same textures faintly: its second colour lies this
+# share of the way from its first towards another palette colour.
+_OBJECT_CONTRAST = (0.3, 0.55)
+_CLUTTER_CONTRAST = (0.1, 0.25)
 _IGNORE_BAND_PROB = 0.35  # per object
 
 SHAPES = ("ellipse", "triangle", "square", "star", "ring", "cross", "hexagon", "blob", "crescent")
-TEXTURES = ("stripes", "checkers", "dots", "noise", "rings", "solid", "zigzag", "grid")
+# The most distinct textures first: a small class count uses them.
+TEXTURES = ("stripes", "checkers", "dots", "rings", "zigzag", "grid", "noise", "solid")
 # Texture period in pixels at size 96 (scaled with the image size).
 _PERIODS = {"stripes": 7.0, "checkers": 8.0, "dots": 7.0, "noise": 6.0, "rings": 6.0,
             "solid": 8.0, "zigzag": 9.0, "grid": 7.0}
@@ -71,6 +86,7 @@ class SynthConfig:
     train_per_class: int = 80
     val_per_class: int = 12
     semi_per_class: int = 4
+    test_per_class: int = 20
     size: int = 96
     seed: int = 0
 
@@ -84,10 +100,10 @@ class SynthConfig:
             raise LusscoreError(f"classes must lie in 1..{MAX_CLASSES}, got {self.classes}")
         if self.train_per_class < 1:
             raise LusscoreError(f"train_per_class must be >= 1, got {self.train_per_class}")
-        if self.val_per_class < 0 or self.semi_per_class < 0:
+        if min(self.val_per_class, self.semi_per_class, self.test_per_class) < 0:
             raise LusscoreError(
-                f"val_per_class and semi_per_class must be >= 0, got "
-                f"{self.val_per_class} and {self.semi_per_class}")
+                f"val_per_class, semi_per_class and test_per_class must be >= 0, got "
+                f"{self.val_per_class}, {self.semi_per_class} and {self.test_per_class}")
         if not MIN_SIZE <= self.size <= MAX_SIZE:
             raise LusscoreError(f"size must lie in {MIN_SIZE}..{MAX_SIZE} pixels, got {self.size}")
         if self.seed < 0:
@@ -95,7 +111,7 @@ class SynthConfig:
 
     def per_class(self, split: str) -> int:
         return {"train": self.train_per_class, "train-semi": self.semi_per_class,
-                "validation": self.val_per_class}[split]
+                "validation": self.val_per_class, "test": self.test_per_class}[split]
 
     @property
     def num_images(self) -> int:
@@ -118,6 +134,8 @@ def image_name(config: SynthConfig, split: str, class_index: int, i: int) -> str
     wnid = wnids(config.classes)[class_index]
     if split == "validation":
         return f"ILSVRC2012_val_{class_index * config.val_per_class + i + 1:08d}"
+    if split == "test":
+        return f"ILSVRC2012_test_{class_index * config.test_per_class + i + 1:08d}"
     if split == "train-semi":  # distinct train images, as in the benchmark
         return f"{wnid}_{config.train_per_class + i}"
     return f"{wnid}_{i}"
@@ -129,20 +147,18 @@ def image_name(config: SynthConfig, split: str, class_index: int, i: int) -> str
 class ClassStyle:
     shape: str
     texture: str
-    hue: float
-    angle: float  # texture orientation in the image (a class cue)
+    angle: float  # texture orientation in the image: part of the texture family
 
 
 @lru_cache(maxsize=None)
 def class_styles(num_classes: int) -> tuple[ClassStyle, ...]:
-    """Appearance of each class; a function of the class count only, not of the seed."""
+    """Shape and texture of each class (no colour); a function of the class count only."""
     styles = []
     for k in range(num_classes):
         shape = SHAPES[k % len(SHAPES)]
         # Shift textures every len(SHAPES) classes so (shape, texture) pairs repeat late.
         texture = TEXTURES[(k + k // len(SHAPES)) % len(TEXTURES)]
-        styles.append(ClassStyle(shape, texture, hue=k / num_classes,
-                                 angle=(k * 0.618034 % 1.0) * math.pi))
+        styles.append(ClassStyle(shape, texture, angle=(k * 0.618034 % 1.0) * math.pi))
     return tuple(styles)
 
 
@@ -246,7 +262,7 @@ def _place(rng, shape: str, X, Y, h: int, w: int, area: float, stretch_max: floa
     target = area * h * w
     r = math.sqrt(target / math.pi)
     # Centres keep most of the object in view; large objects stay near the middle.
-    mx, my = min(0.8 * r, w / 2), min(0.8 * r, h / 2)
+    mx, my = min(CENTRE_MARGIN * r, w / 2), min(CENTRE_MARGIN * r, h / 2)
     g = _Geom(cx=rng.uniform(mx, w - mx), cy=rng.uniform(my, h - my), r=r,
               rot=rng.uniform(0, 2 * math.pi), stretch=math.sqrt(rng.uniform(1.0, stretch_max)),
               lobes=tuple((rng.uniform(0.06, 0.18), rng.uniform(0, 2 * math.pi)) for _ in range(3)))
@@ -296,29 +312,53 @@ def _paint(img, mask, colour_a, colour_b, weight, shade):
     img[mask] = (colour_a * (1 - t) + colour_b * t) * shade[mask][:, None]
 
 
+def palette_colour(rng, value: float | None = None) -> np.ndarray:
+    """One colour of the shared palette: the only colour law of the dataset (objects of every
+    class, background, clutter). `value` fixes the brightness, else it is drawn too."""
+    v = rng.uniform(0.2, 0.95) if value is None else value
+    return _hsv(rng.random(), rng.uniform(0.15, 0.9), v)
+
+
+def _object_colours(rng) -> tuple[np.ndarray, np.ndarray]:
+    """Two palette colours of independent hue and saturation whose values differ by a gap
+    drawn from _OBJECT_CONTRAST, in random order."""
+    gap = rng.uniform(*_OBJECT_CONTRAST)
+    low = rng.uniform(0.15, 0.95 - gap)
+    a, b = palette_colour(rng, low), palette_colour(rng, low + gap)
+    return (a, b) if rng.random() < 0.5 else (b, a)
+
+
+def _clutter_colours(rng) -> tuple[np.ndarray, np.ndarray]:
+    """A palette colour and a faint variant of it (a low-contrast texture)."""
+    a = palette_colour(rng)
+    return a, a + rng.uniform(*_CLUTTER_CONTRAST) * (palette_colour(rng) - a)
+
+
 def _draw_background(rng, X, Y, h: int, w: int) -> np.ndarray:
-    """Muted gradient + smooth noise + grey-ish clutter; the same law for every class."""
-    hue = rng.random()
-    a = _hsv(hue, rng.uniform(0.0, 0.3), rng.uniform(0.3, 0.8))
-    b = _hsv(hue + rng.uniform(-0.15, 0.15), rng.uniform(0.0, 0.3), rng.uniform(0.3, 0.8))
+    """Gradient between two palette colours, smooth noise and faint textured clutter; the same
+    law for every class."""
+    a, b = palette_colour(rng), palette_colour(rng)
     ang = rng.uniform(0, 2 * math.pi)
     ramp = ((X - w / 2) * math.cos(ang) + (Y - h / 2) * math.sin(ang)) / max(h, w) + 0.5
     ramp = np.clip(ramp, 0, 1)[..., None]
     img = a * (1 - ramp) + b * ramp
     img = img * (0.85 + 0.3 * _smooth_noise(rng, h, w, max(h, w) / 4))[..., None]
-    for _ in range(int(rng.integers(0, 5))):
+    size = max(h, w)
+    for _ in range(int(rng.integers(1, 6))):
         shape = ("ellipse", "square", "bar")[int(rng.integers(0, 3))]
         stretch = 6.0 if shape == "bar" else 1.6
-        mask, _ = _place(rng, shape, X, Y, h, w, rng.uniform(0.003, 0.02), stretch_max=stretch)
-        img[mask] = _hsv(rng.random(), rng.uniform(0.0, 0.35), rng.uniform(0.2, 0.9))
+        mask, g = _place(rng, shape, X, Y, h, w, rng.uniform(0.005, 0.04), stretch_max=stretch)
+        texture = TEXTURES[int(rng.integers(0, len(TEXTURES)))]
+        col_a, col_b = _clutter_colours(rng)
+        period = _PERIODS[texture] * (size / 96) * rng.uniform(0.85, 1.15)
+        weight = _texture(texture, X, Y, g, rng.uniform(0, math.pi), period, rng)
+        _paint(img, mask, col_a, col_b, weight, np.ones_like(X))
     return img
 
 
 def _draw_object(rng, img, X, Y, style: ClassStyle, h: int, w: int, area: float, size: int):
     mask, g = _place(rng, style.shape, X, Y, h, w, area)
-    hue = style.hue + rng.normal(0, 0.012)
-    col_a = _hsv(hue, rng.uniform(0.7, 0.95), rng.uniform(0.75, 1.0))
-    col_b = _hsv(hue + 0.03, rng.uniform(0.6, 0.9), rng.uniform(0.3, 0.5))
+    col_a, col_b = _object_colours(rng)  # independent of the class
     period = _PERIODS[style.texture] * (size / 96) * rng.uniform(0.85, 1.15)
     weight = _texture(style.texture, X, Y, g, style.angle + rng.normal(0, 0.15), period, rng)
     ang = rng.uniform(0, 2 * math.pi)
@@ -540,7 +580,9 @@ def generate_dataset(out, config: SynthConfig | None = None, progress: bool = Tr
     finally:
         bar.close()
 
-    for split in ("validation", "train-semi"):
+    for split in NAMED_SPLITS:
+        if config.per_class(split) == 0:  # no such split: no names file claiming one
+            continue
         pairs = []
         for c, wnid in enumerate(names):
             for i in range(config.per_class(split)):

@@ -131,6 +131,28 @@ class MultiCropTransform:
                                torch.tensor(flips, dtype=torch.bool))
 
 
+AUGMENT_KEYS = ("jitter_strength", "color_p", "grayscale_p", "blur_p", "blur_sigma")
+
+
+def augment_options(section: dict | None) -> dict:
+    """MultiCropTransform's photometric keyword arguments from a config's `augment` section
+    (SwAV's values for the keys it leaves out); an unknown key is an error."""
+    section = dict(section or {})
+    unknown = sorted(set(section) - set(AUGMENT_KEYS))
+    if unknown:
+        raise ValueError(f"augment: unknown keys {unknown}; known: {list(AUGMENT_KEYS)}")
+    if "blur_sigma" in section:
+        lo, hi = (float(v) for v in section["blur_sigma"])
+        if not 0 < lo <= hi:
+            raise ValueError(f"augment.blur_sigma must be [min, max] with 0 < min <= max, "
+                             f"got {section['blur_sigma']}")
+        section["blur_sigma"] = (lo, hi)
+    for key in ("color_p", "grayscale_p", "blur_p"):
+        if key in section and not 0 <= float(section[key]) <= 1:
+            raise ValueError(f"augment.{key} must lie in [0, 1], got {section[key]}")
+    return section
+
+
 def collate_multicrop(samples: list) -> MultiCropBatch:
     """Collate MultiCropSample items (or (MultiCropSample, label) pairs) into a batch."""
     if not samples:

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from lusscore.checkpoint import load_checkpoint
-from lusscore.data.views import MultiCropTransform, collate_multicrop
+from lusscore.data.views import MultiCropTransform, augment_options, collate_multicrop
 from lusscore.engine import (
     JsonlLog,
     Runtime,
@@ -109,7 +109,8 @@ def train_attention(cfg: dict, run_dir: Path, rt: Runtime, samples) -> Attention
     seed = int(cfg.get("seed", 0))
     crop = acfg.get("crop", pcfg["crops"]["sizes"][0])
     transform = MultiCropTransform([crop], [2], [acfg.get("min_scale", 0.14)], [1.0],
-                                   std_quirk=pcfg.get("std_quirk", True))
+                                   std_quirk=pcfg.get("std_quirk", True),
+                                   **augment_options(pcfg.get("augment")))
     per_rank = max(1, acfg["batch_size"] // rt.world_size)
     loader = make_loader(ImageFiles(samples, transform), per_rank, rt, seed,
                          workers=cfg["data"].get("workers", 0), collate_fn=collate_multicrop)

@@ -5,13 +5,15 @@ From <run>/pretrain.pt's backbone (stage 4, upsampled bilinearly to `stride`):
    included), the mean feature over that region (GT downsampled nearest to the feature
    grid) -> <run>/distance_match/bank.pt {'vectors' (N, L), 'labels' (N), 'images' (N)}.
    Built once (sharded over ranks, gathered, written atomically); reused when present.
-2. Predict: each validation pixel's L2-normalised feature takes a weighted vote of its k
-   nearest bank vectors by cosine (weight exp(cos / temperature)); the stride grid is
-   upsampled (nearest) to the image and written to
-   <run>/distance_match/predictions/validation/<wnid>/<name>.png (existing ones skipped).
-3. Evaluate without matching: the votes are GT ids already. `match: hungarian` re-matches
-   as the reference code does (a bug there; offered only for comparison).
-Metrics land in <run>/distance_match/metrics.json (same format as <run>/metrics.json).
+2. Predict: each pixel of a split (validation, or test)'s L2-normalised feature takes a
+   weighted vote of its k nearest bank vectors by cosine (weight exp(cos / temperature));
+   the stride grid is upsampled (nearest) to the image and written to
+   <run>/distance_match/predictions/<split>/<wnid>/<name>.png (existing ones skipped).
+3. Evaluate (splits with GT) without matching: the votes are GT ids already. `match:
+   hungarian` re-matches on validation as the reference code does (a bug there; offered only
+   for comparison); test then reuses that match.
+Metrics land in <run>/distance_match/metrics.json (test: distance_match/test/metrics.json),
+in the format of <run>/metrics.json.
 """
 from __future__ import annotations
 
@@ -26,7 +28,8 @@ from lusscore.checkpoint import load_checkpoint
 from lusscore.data.label_io import IGNORE_INDEX, image_size, read_label_png, write_label_png
 from lusscore.engine import Runtime, autocast
 from lusscore.ops.kmeans import kmeans_assign, kmeans_update
-from lusscore.stages.common import add_run_arguments, dataset_of, start_run
+from lusscore.stages.common import (add_run_arguments, dataset_of, predictions_dir,
+                                    protocol_metrics_path, start_run)
 from lusscore.utils import LusscoreError, atomic_path
 
 FOLDER = "distance_match"
@@ -240,8 +243,8 @@ def load_or_build_bank(cfg: dict, run_dir: Path, rt: Runtime, backbone=None) -> 
 # Prediction and the protocol
 
 
-def predict_validation(backbone, bank: dict, samples, out_dir: Path, cfg: dict, rt: Runtime,
-                       progress: bool = True) -> int:
+def predict_knn(backbone, bank: dict, samples, out_dir: Path, cfg: dict, rt: Runtime,
+                progress: bool = True) -> int:
     """Write the kNN prediction of this rank's shard of `samples`; skip valid existing PNGs."""
     from lusscore.stages.infer import prediction_is_valid
     s = settings(cfg)
@@ -272,34 +275,42 @@ def predict_validation(backbone, bank: dict, samples, out_dir: Path, cfg: dict, 
     return len(todo)
 
 
-def run_distance_match(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
-    from lusscore.stages.run import evaluate_predictions
+def run_distance_match(cfg: dict, run_dir: Path, rt: Runtime, split: str = "validation") -> dict | None:
+    """Build (or load) the bank, predict `split`; its metrics, or None without GT."""
+    from lusscore.stages.run import evaluate_protocol
     run_dir = Path(run_dir)
-    s = settings(cfg)
+    settings(cfg)  # checked before any work
     ds = dataset_of(cfg)
     backbone = load_pretrain_backbone(cfg, run_dir, rt)
     bank = load_or_build_bank(cfg, run_dir, rt, backbone)
     if rt.is_main:
         print(f"[distance-match] bank: {bank['vectors'].shape[0]} regions of "
               f"{int(bank['images'].unique().numel())} train-semi images", flush=True)
-    pred_dir = run_dir / FOLDER / "predictions" / "validation"
-    predict_validation(backbone, bank, ds.segmentation_samples("validation"), pred_dir, cfg, rt,
-                       progress=rt.is_main)
-    return evaluate_predictions(cfg, run_dir, rt, pred_dir=pred_dir, out_dir=run_dir / FOLDER,
-                                match=s["match"])
+    predict_knn(backbone, bank, ds.prediction_samples(split), predictions_dir(run_dir, FOLDER, split),
+                cfg, rt, progress=rt.is_main)
+    if not ds.has_labels(split):
+        return None
+    return evaluate_protocol(cfg, run_dir, rt, FOLDER, split)
 
 
 def add_arguments(parser):
     add_run_arguments(parser)
     parser.add_argument("--match", default=None, choices=["none", "hungarian"],
                         help="none (default: the votes are GT ids) or hungarian (re-match, as "
-                             "the reference code does)")
+                             "the reference code does; test reuses validation's match)")
+    parser.add_argument("--split", default="validation", choices=["validation", "test"],
+                        help="the split to predict (and score when it has GT)")
 
 
 def main(args):
     cfg, run_dir, rt = start_run(args)
     if args.match is not None:
         cfg.setdefault(FOLDER, {})["match"] = args.match
-    result = run_distance_match(cfg, run_dir, rt)
+    result = run_distance_match(cfg, run_dir, rt, args.split)
     if rt.is_main:
-        print(f"distance-match: mIoU {result['mIoU']:.2f} -> {run_dir / FOLDER / 'metrics.json'}")
+        if result is None:
+            print(f"distance-match: predicted {args.split} into "
+                  f"{predictions_dir(run_dir, FOLDER, args.split)} (no GT: not scored)")
+        else:
+            print(f"distance-match: {args.split} mIoU {result['mIoU']:.2f} -> "
+                  f"{protocol_metrics_path(run_dir, FOLDER, args.split)}")

@@ -3,6 +3,12 @@
 Reads every map once (PNG decoding in parallel workers), then applies the match (none,
 Hungarian on the image-level co-occurrence, or a match.json) and prints the official table:
 mIoU, boundary mIoU, Img-Acc, F-measure, and the S/MS/ML/L size buckets.
+
+Two modes: folders (--gt, --pred, --num-classes, --match ...), or a run folder (--run-dir RUN
+--split validation|test --protocol unsupervised|semi|distance_match), which takes the GT,
+names file and predictions from the run's config and dataset, scores the protocol as `luss
+run` does (test with the match found on validation, never re-matched) and writes its
+metrics.json.
 """
 from __future__ import annotations
 
@@ -20,14 +26,22 @@ MAX_LISTED = 20
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--gt", required=True, help="folder of GT label PNGs (wnid/name.png)")
-    parser.add_argument("--pred", required=True, help="folder of prediction PNGs, same layout")
+    from lusscore.stages.common import EVAL_SPLITS, PROTOCOLS
+    parser.add_argument("--run-dir", default=None,
+                        help="score a run folder's predictions (instead of --gt/--pred/--names/"
+                             "--num-classes/--match): writes the protocol's metrics.json")
+    parser.add_argument("--split", default=None, choices=EVAL_SPLITS,
+                        help="with --run-dir: the split to score (default validation)")
+    parser.add_argument("--protocol", default=None, choices=PROTOCOLS,
+                        help="with --run-dir: whose predictions (default unsupervised)")
+    parser.add_argument("--gt", default=None, help="folder of GT label PNGs (wnid/name.png)")
+    parser.add_argument("--pred", default=None, help="folder of prediction PNGs, same layout")
     parser.add_argument("--names", default=None,
                         help="names list: one 'image label' (or 'label') path a line; the label "
                              "column is read under --gt and --pred (default: every PNG under --gt)")
-    parser.add_argument("--match", default="none",
-                        help="none | hungarian | FILE.json ({\"pred id\": gt id})")
-    parser.add_argument("--num-classes", type=int, required=True, help="C: 50, 300 or 919")
+    parser.add_argument("--match", default=None,
+                        help="none (default) | hungarian | FILE.json ({\"pred id\": gt id})")
+    parser.add_argument("--num-classes", type=int, default=None, help="C: 50, 300 or 919")
     parser.add_argument("--ignore-index", type=int, default=1000)
     parser.add_argument("--boundary-ratio", type=float, default=0.03)
     parser.add_argument("--json", default=None, help="write every number to this JSON file")
@@ -231,6 +245,33 @@ def evaluate(gt_dir, pred_dir, num_classes: int, names=None, match="none", devic
     return result
 
 
+def evaluate_run(args) -> dict:
+    """--run-dir mode: the protocol's split scored as `luss run` does, into its metrics.json."""
+    import torch
+    from lusscore.engine import Runtime
+    from lusscore.stages.common import dataset_of, protocol_metrics_path, resolve_config
+    from lusscore.stages.run import evaluate_protocol
+    given = [flag for flag, value in (("--gt", args.gt), ("--pred", args.pred), ("--names", args.names),
+                                      ("--num-classes", args.num_classes), ("--match", args.match),
+                                      ("--curve", args.curve), ("--pass-bands", args.pass_bands),
+                                      ("--missing-as-background", args.missing_as_background))
+             if value not in (None, False)]
+    if given:
+        raise LusscoreError(f"--run-dir takes the GT, names, predictions and match from the run; "
+                            f"drop {', '.join(given)}")
+    split, protocol = args.split or "validation", args.protocol or "unsupervised"
+    cfg = resolve_config(args.run_dir, None, [])
+    ds = dataset_of(cfg)
+    if not ds.has_labels(split):
+        raise LusscoreError(f"{ds.labels_dir(split)}: no GT label PNGs, so the {split} split cannot "
+                            "be scored here (the benchmark's test GT is on its server: `luss submit`)")
+    result = evaluate_protocol(cfg, Path(args.run_dir), Runtime(torch.device(args.device)),
+                               protocol, split, workers=args.workers)
+    print(f"evaluate: {protocol} {split} mIoU {result['mIoU']:.2f} -> "
+          f"{protocol_metrics_path(args.run_dir, protocol, split)}")
+    return result
+
+
 def main(args) -> int:
     import torch
     from lusscore.matching import save_match
@@ -238,21 +279,32 @@ def main(args) -> int:
     set_ops_mode(args.ops)
     if args.device == "cpu":
         torch.set_num_threads(1)  # per-image work is small; decoding runs in --workers processes
-    result = evaluate(args.gt, args.pred, args.num_classes, args.names, args.match, args.device,
-                      args.workers, args.missing_as_background, args.pass_bands, args.curve,
-                      args.conf_suffix, args.ignore_index, args.boundary_ratio, args.quiet)
+    if args.run_dir is not None:
+        result = evaluate_run(args)
+    else:
+        if args.split is not None or args.protocol is not None:
+            raise LusscoreError("--split and --protocol need --run-dir")
+        missing = [flag for flag, value in (("--gt", args.gt), ("--pred", args.pred),
+                                            ("--num-classes", args.num_classes)) if value is None]
+        if missing:
+            raise LusscoreError(f"give {', '.join(missing)} (or --run-dir RUN to score a run folder)")
+        result = evaluate(args.gt, args.pred, args.num_classes, args.names, args.match or "none",
+                          args.device, args.workers, args.missing_as_background, args.pass_bands,
+                          args.curve, args.conf_suffix, args.ignore_index, args.boundary_ratio,
+                          args.quiet)
     best = result["best"] if args.curve else result
     if args.curve:
         for t, r in zip(result["thresholds"], result["results"]):
             print(f"threshold {t:.4f}: mIoU {r['mIoU']:.2f}  mBIoU {r['mBIoU']:.2f}")
         print(f"best threshold {result['best_threshold']:.4f}")
-    print(format_table(best))
+    if args.run_dir is None:  # evaluate_run printed the table with the class names
+        print(format_table(best))
     if result.get("missing_predictions"):
         print(f"warning: {len(result['missing_predictions'])} missing prediction(s) scored as "
               "all 'other'")
     if best.get("out_of_range_ids") and best["match"] is None:
         ids = best["out_of_range_ids"]
-        print(f"warning: predicted ids outside 0..{args.num_classes}: {ids[:MAX_LISTED]}"
+        print(f"warning: predicted ids outside 0..{len(best['IoUs']) - 1}: {ids[:MAX_LISTED]}"
               + (" ..." if len(ids) > MAX_LISTED else "")
               + " (dropped from the histograms, foreground for F)")
     if args.save_match:

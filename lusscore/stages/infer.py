@@ -1,4 +1,7 @@
-"""Predict validation label maps with the fine-tuned model (<run>/finetune.pt).
+"""Predict the label maps of a split with the fine-tuned model (<run>/finetune.pt).
+
+--split validation (default), train-semi or test; test is predicted whether or not its GT
+exists (the benchmark's test GT stays on its server: `luss submit` packs the predictions).
 
 Each image is resized (shorter side 256), the logits are upsampled bilinearly to the image
 size (to at most 1000 px on the longer side, then nearest to the full size, as the
@@ -18,7 +21,7 @@ from lusscore.checkpoint import load_checkpoint
 from lusscore.data.label_io import image_size, write_label_png
 from lusscore.data.segmentation import InferenceImages
 from lusscore.engine import Runtime, autocast
-from lusscore.stages.common import add_run_arguments, dataset_of, start_run
+from lusscore.stages.common import add_run_arguments, dataset_of, predictions_dir, start_run
 from lusscore.stages.finetune import SegmentationModel
 from lusscore.utils import LusscoreError
 
@@ -75,15 +78,15 @@ def load_segmentation_model(cfg: dict, run_dir: Path, rt: Runtime,
 
 def add_arguments(parser):
     add_run_arguments(parser)
-    parser.add_argument("--split", default="validation", choices=["validation", "train-semi"])
+    parser.add_argument("--split", default="validation", choices=["validation", "train-semi", "test"])
 
 
 def main(args):
     cfg, run_dir, rt = start_run(args)
-    ds = dataset_of(cfg)
+    samples = dataset_of(cfg).prediction_samples(args.split)
     model = load_segmentation_model(cfg, run_dir, rt)
-    out_dir = run_dir / "predictions" / args.split
-    n = predict_split(model, ds.segmentation_samples(args.split), out_dir, rt,
+    out_dir = predictions_dir(run_dir, "unsupervised", args.split)
+    n = predict_split(model, samples, out_dir, rt,
                       resize=cfg.get("infer", {}).get("resize", 256))
     if rt.is_main:
         print(f"infer: wrote {n} predictions to {out_dir}")

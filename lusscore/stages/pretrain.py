@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from lusscore.data.label_io import read_image
-from lusscore.data.views import MultiCropTransform, collate_multicrop
+from lusscore.data.views import MultiCropTransform, augment_options, collate_multicrop
 from lusscore.engine import (
     JsonlLog,
     Runtime,
@@ -165,7 +165,8 @@ def pretrain(cfg: dict, run_dir: Path, rt: Runtime, samples: list[tuple[Path, in
     weights = dict(pcfg.get("loss_weights", {"swav": 0.5, "d2s": 0.5, "p2p": 1.0}))
     crops = pcfg["crops"]
     transform = MultiCropTransform(crops["sizes"], crops["counts"], crops["min_scale"],
-                                   crops["max_scale"], std_quirk=pcfg.get("std_quirk", True))
+                                   crops["max_scale"], std_quirk=pcfg.get("std_quirk", True),
+                                   **augment_options(pcfg.get("augment")))
     n_crops = sum(crops["counts"])
     per_rank = max(1, pcfg["batch_size"] // rt.world_size)
     loader = make_loader(ImageFiles(samples, transform), per_rank, rt, seed,

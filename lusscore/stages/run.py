@@ -5,11 +5,18 @@ pretrain -> attention -> cluster -> label validation (with attention maps) -> sw
 Everything lands in the run folder; the final metrics in <run>/metrics.json, the match in
 <run>/match.json.
 
+Every choice (tau, the match, ...) is made on validation. When the dataset has test images,
+each protocol then predicts them too and, when test GT exists, scores them once with what
+validation chose (the unsupervised protocol with validation's match.json, never re-matched):
+<run>[/semi | /distance_match]/test/metrics.json. Without test images or test GT, one line
+says why test is not scored and the run reports validation.
+
 The config's `protocols` (a subset of unsupervised, semi, distance_match; default
 unsupervised) picks the evaluation protocols run after pretraining: semi (`luss semi`:
 <run>/semi/metrics.json) and distance_match (`luss distance-match`:
 <run>/distance_match/metrics.json) need only the pretrained backbone. A protocol whose
-metrics.json exists is skipped. The side-by-side summary goes to <run>/protocols.json.
+metrics.json exists is skipped. The side-by-side summary (validation and test) goes to
+<run>/protocols.json.
 """
 from __future__ import annotations
 
@@ -24,7 +31,14 @@ import torch
 from lusscore.config import apply_overrides, load_config, save_config
 from lusscore.engine import Runtime, StageCheckpoint, seed_everything, setup_runtime
 from lusscore.ops.switch import ops_from_config, ops_mode
-from lusscore.stages.common import RUN_CONFIG, dataset_of
+from lusscore.stages.common import (
+    PROTOCOLS,
+    RUN_CONFIG,
+    dataset_of,
+    match_path,
+    predictions_dir,
+    protocol_metrics_path,
+)
 from lusscore.utils import LusscoreError, atomic_write_text
 
 
@@ -68,24 +82,70 @@ def report_attention_foreground(cfg: dict, run_dir: Path, rt: Runtime, tau: floa
 
 
 def evaluate_predictions(cfg: dict, run_dir: Path, rt: Runtime, pred_dir: Path | None = None,
-                         out_dir: Path | None = None, match: str = "hungarian") -> dict:
-    """Evaluate a protocol's validation predictions (default: the unsupervised ones under
-    <run>/predictions) and write out_dir/metrics.json (+ match.json when matched)."""
+                         out_dir: Path | None = None, match: str = "hungarian",
+                         split: str = "validation", workers: int = 0) -> dict:
+    """Evaluate a protocol's predictions of a split with GT (default: the unsupervised
+    validation ones) and write out_dir/metrics.json, plus out_dir/match.json when the match
+    is found here (match="hungarian"; a match.json path is applied as it is)."""
     from lusscore.stages.evaluate import evaluate, format_table
     ds = dataset_of(cfg)
-    names = ds.names_path("validation")
-    pred_dir = Path(pred_dir) if pred_dir is not None else run_dir / "predictions" / "validation"
-    out_dir = Path(out_dir) if out_dir is not None else run_dir
-    result = evaluate(ds.root / "validation-segmentation", pred_dir,
+    names = ds.names_path(split)
+    pred_dir = Path(pred_dir) if pred_dir is not None else predictions_dir(run_dir, "unsupervised", split)
+    out_dir = (Path(out_dir) if out_dir is not None
+               else protocol_metrics_path(run_dir, "unsupervised", split).parent)
+    result = evaluate(ds.labels_dir(split), pred_dir,
                       ds.num_classes, names=names if names.is_file() else None, match=match,
-                      device=str(rt.device) if rt.device.type == "cuda" else "cpu")
+                      device=str(rt.device) if rt.device.type == "cuda" else "cpu", workers=workers)
     if rt.is_main:
-        if result.get("match") is not None:
+        if match == "hungarian":
             match_ids = {str(k): int(v) for k, v in result["match"].items()}
             atomic_write_text(out_dir / "match.json", json.dumps(match_ids, indent=1))
         atomic_write_text(out_dir / "metrics.json", json.dumps(_plain(result), indent=1))
+        print(f"{split}:")
         print(format_table(result, ["other"] + ds.wnids))
     return result
+
+
+def protocol_match(cfg: dict, run_dir: Path, protocol: str, split: str) -> str:
+    """The match a protocol's split is scored with: none (semi; distance_match by default) or,
+    when the protocol matches, the Hungarian match found on validation, which test reuses
+    from its match.json."""
+    if protocol == "semi":
+        return "none"
+    if protocol == "distance_match":
+        from lusscore.stages.distance_match import settings
+        matched = settings(cfg)["match"] == "hungarian"
+    else:
+        matched = True
+    if not matched:
+        return "none"
+    if split == "validation":
+        return "hungarian"
+    path = match_path(run_dir, protocol)
+    if not path.is_file():
+        raise LusscoreError(f"{path} not found: the {split} split reuses the match found on "
+                            "validation; evaluate validation first")
+    return str(path)
+
+
+def evaluate_protocol(cfg: dict, run_dir: Path, rt: Runtime, protocol: str,
+                      split: str = "validation", workers: int = 0) -> dict:
+    """Score a protocol's predictions of a split into its metrics.json (see common.py)."""
+    return evaluate_predictions(cfg, run_dir, rt, pred_dir=predictions_dir(run_dir, protocol, split),
+                                out_dir=protocol_metrics_path(run_dir, protocol, split).parent,
+                                match=protocol_match(cfg, run_dir, protocol, split), split=split,
+                                workers=workers)
+
+
+def skipped_test_reason(ds) -> str | None:
+    """None when test can be scored, else the one line saying why it is not."""
+    if not ds.has_images("test"):
+        return (f"test: no test images in {ds.split_dir('test')}; test evaluation skipped, "
+                "validation results only")
+    if not ds.has_labels("test"):
+        return (f"test: images but no GT in {ds.labels_dir('test')}; test predicted, test "
+                "evaluation skipped (`luss submit` packs the predictions for the test server)")
+    return None
 
 
 def _plain(obj):
@@ -140,8 +200,8 @@ class StageTimings:
                  "peak_gpu_bytes": self.peak_bytes}, indent=1))
 
 
-PROTOCOLS = ("unsupervised", "semi", "distance_match")
 SUMMARY_KEYS = ("mIoU", "mBIoU", "Acc", "FMeasure", "S", "MS", "ML", "L")
+NAME_WIDTH = 20  # first column of the protocol table: fits 'floor colour_kmeans'
 
 
 def protocol_list(cfg: dict) -> list[str]:
@@ -155,24 +215,64 @@ def protocol_list(cfg: dict) -> list[str]:
     return [p for p in PROTOCOLS if p in listed]
 
 
-def protocol_metrics_path(run_dir: Path, protocol: str) -> Path:
-    return run_dir / ("metrics.json" if protocol == "unsupervised" else f"{protocol}/metrics.json")
-
-
-def summarize(protocol: str, result: dict) -> dict:
-    out = {k: result.get(k) for k in SUMMARY_KEYS}
-    out["match"] = "none" if result.get("match") is None else "hungarian"
-    out["metrics"] = protocol_metrics_path(Path(""), protocol).as_posix()
+def summarize(protocol: str, results: dict) -> dict:
+    """{validation's numbers..., match, metrics, "test": the same for test, or None when test
+    was not scored}; results: {split: evaluation result}."""
+    def one(split: str) -> dict:
+        result = results[split]
+        out = {k: result.get(k) for k in SUMMARY_KEYS}
+        # test never gets a match of its own: a matched protocol reuses validation's
+        out["match"] = ("none" if result.get("match") is None
+                        else "hungarian" if split == "validation" else "validation")
+        out["metrics"] = protocol_metrics_path(Path(""), protocol, split).as_posix()
+        return out
+    out = one("validation")
+    out["test"] = one("test") if "test" in results else None
     return _plain(out)
 
 
-def format_protocols(summary: dict) -> str:
+def format_protocols(summary: dict, floors: dict | None = None) -> str:
+    """The protocols' validation and test numbers side by side, then one `floor` row per
+    trivial baseline (floors: {split: baselines.json content}) in the same columns."""
+    keys = ("mIoU", "mBIoU", "Acc", "FMeasure")
     fmt = lambda v: "nan" if v is None else f"{v:.2f}"
-    lines = [f"{'protocol':<16} {'mIoU':>7} {'mBIoU':>7} {'Acc':>7} {'F':>7}  match"]
+    cells = lambda m: " ".join(f"{fmt(m[k]) if m else '-':>7}" for k in keys)
+    heads = " ".join(f"{k[:5] if k != 'FMeasure' else 'F':>7}" for k in keys)
+    lines = [f"{'':<{NAME_WIDTH}} {'validation (tuned)':^31}   {'test (untouched)':^31}",
+             f"{'protocol':<{NAME_WIDTH}} {heads}   {heads}  match"]
     for name, m in summary.items():
-        lines.append(f"{name:<16} {fmt(m['mIoU']):>7} {fmt(m['mBIoU']):>7} {fmt(m['Acc']):>7} "
-                     f"{fmt(m['FMeasure']):>7}  {m['match']}")
+        match = "hungarian on validation" if m["match"] == "hungarian" else m["match"]
+        lines.append(f"{name:<{NAME_WIDTH}} {cells(m)}   {cells(m.get('test'))}  {match}")
+    floors = floors or {}
+    val = floors.get("validation")
+    if val is not None:
+        test = floors.get("test") or {"floors": {}}
+        for name, m in val["floors"].items():
+            lines.append(f"{'floor ' + name:<{NAME_WIDTH}} {cells(m)}   "
+                         f"{cells(test['floors'].get(name))}  {val['match']}, no learning")
     return "\n".join(lines)
+
+
+def run_baselines(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
+    """The trivial floors of every scored split, {split: baselines}: computed once into
+    <run>/baselines.json and <run>/test/baselines.json (main process), then read back."""
+    from lusscore.baselines import compute_baselines, read_baselines, write_baselines
+    from lusscore.stages.common import baselines_path
+    ds = dataset_of(cfg)
+    floors = {}
+    for split in scored_splits(ds):
+        path = baselines_path(run_dir, split)
+        if not rt.is_main:
+            continue
+        if path.is_file():
+            floors[split] = read_baselines(path)
+            continue
+        log(rt, f"baselines: trivial floors on {split}")
+        floors[split] = compute_baselines(ds, split, seed=int(cfg.get("seed", 0)),
+                                          device=str(rt.device) if rt.device.type == "cuda" else "cpu")
+        write_baselines(path, floors[split])
+    rt.barrier()
+    return floors
 
 
 def train_stage(cfg: dict, run_dir: Path, rt: Runtime, stage: str, fn, train) -> None:
@@ -185,6 +285,7 @@ def train_stage(cfg: dict, run_dir: Path, rt: Runtime, stage: str, fn, train) ->
 
 
 def run_unsupervised(cfg: dict, run_dir: Path, rt: Runtime, train, timings: StageTimings) -> dict:
+    """Every unsupervised stage; returns {split: result} for validation and, when scored, test."""
     from lusscore.stages.attention import train_attention
     from lusscore.stages.cluster import run_cluster
     from lusscore.stages.finetune import finetune
@@ -232,36 +333,57 @@ def run_unsupervised(cfg: dict, run_dir: Path, rt: Runtime, train, timings: Stag
 
     from lusscore.stages.infer import load_segmentation_model
     model = load_segmentation_model(cfg, run_dir, rt)
-    predict_split(model, ds.segmentation_samples("validation"), run_dir / "predictions" / "validation",
-                  rt, resize=cfg.get("infer", {}).get("resize", 256))
+    resize = cfg.get("infer", {}).get("resize", 256)
+    for split in prediction_splits(ds):
+        predict_split(model, ds.prediction_samples(split),
+                      predictions_dir(run_dir, "unsupervised", split), rt, resize=resize)
     timings.lap("infer")
-    result = evaluate_predictions(cfg, run_dir, rt)
+    results = {split: evaluate_protocol(cfg, run_dir, rt, "unsupervised", split)
+               for split in scored_splits(ds)}  # validation first: test reuses its match
     timings.lap("evaluate")
-    return result
+    return results
+
+
+def prediction_splits(ds) -> list[str]:
+    """Validation, and test when its images exist (with or without GT)."""
+    return ["validation"] + (["test"] if ds.has_images("test") else [])
+
+
+def scored_splits(ds) -> list[str]:
+    return ["validation"] + (["test"] if skipped_test_reason(ds) is None else [])
 
 
 def run_protocol(cfg: dict, run_dir: Path, rt: Runtime, protocol: str) -> dict:
-    """semi or distance_match; skipped (its metrics read back) when its metrics.json exists."""
-    path = protocol_metrics_path(run_dir, protocol)
-    if path.is_file():
-        log(rt, f"{protocol}: complete ({path}), skipped")
-        return json.loads(path.read_text())
-    if protocol == "semi":
-        from lusscore.stages.semi import run_semi
-        log(rt, f"semi: {cfg['semi']['epochs']} epochs on the train-semi GT, then validation")
-        result = run_semi(cfg, run_dir, rt)
-    else:
-        from lusscore.stages.distance_match import run_distance_match
-        log(rt, "distance_match: train-semi region bank, kNN on validation pixels")
-        result = run_distance_match(cfg, run_dir, rt)
-    log(rt, f"{protocol}: mIoU {result['mIoU']:.2f}")
-    return result
+    """semi or distance_match on validation, then test; a split whose metrics.json exists is
+    skipped (its metrics read back). Returns {split: result} of the scored splits."""
+    from lusscore.stages.distance_match import run_distance_match
+    from lusscore.stages.semi import run_semi
+    ds = dataset_of(cfg)
+    results = {}
+    for split in prediction_splits(ds):
+        path = protocol_metrics_path(run_dir, protocol, split)
+        if path.is_file():
+            log(rt, f"{protocol} {split}: complete ({path}), skipped")
+            results[split] = json.loads(path.read_text())
+            continue
+        if protocol == "semi":
+            log(rt, f"semi: {cfg['semi']['epochs']} epochs on the train-semi GT, then validation"
+                    if split == "validation" else f"semi: {split} with the trained semi.pt")
+            result = run_semi(cfg, run_dir, rt, split)
+        else:
+            log(rt, f"distance_match: train-semi region bank, kNN on {split} pixels")
+            result = run_distance_match(cfg, run_dir, rt, split)
+        if result is not None:  # None: a split without GT, predicted only
+            log(rt, f"{protocol} {split}: mIoU {result['mIoU']:.2f}")
+            results[split] = result
+    return results
 
 
 @ops_from_config
 def run_pipeline(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
-    """Pretrain, then every listed protocol; returns the unsupervised result (or the first
-    listed protocol's). Writes <run>/protocols.json and prints the side-by-side table."""
+    """Pretrain, then every listed protocol; returns the unsupervised validation result (or
+    the first listed protocol's). Writes <run>/protocols.json and prints the side-by-side
+    table of validation and test."""
     from lusscore.stages.pretrain import pretrain
 
     run_dir = Path(run_dir)
@@ -279,11 +401,16 @@ def run_pipeline(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
         else:
             results[protocol] = run_protocol(cfg, run_dir, rt, protocol)
             timings.lap(protocol)
+    floors = run_baselines(cfg, run_dir, rt)
+    timings.lap("baselines")
     summary = {p: summarize(p, r) for p, r in results.items()}
     if rt.is_main:
         atomic_write_text(run_dir / "protocols.json", json.dumps(summary, indent=1))
-        print(format_protocols(summary), flush=True)
-    return results[protocols[0]]
+        skipped = skipped_test_reason(ds)
+        if skipped:
+            log(rt, skipped)
+        print(format_protocols(summary, floors), flush=True)
+    return results[protocols[0]]["validation"]
 
 
 def add_arguments(parser):

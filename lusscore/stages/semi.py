@@ -4,9 +4,10 @@ Starts from <run>/pretrain.pt's backbone (semi.init: pretrain | none) with a fre
 1x1 head and trains it with cross-entropy on the train-semi GT label PNGs (ignore = 1000 left
 out of the loss), with the fine-tuning loop and the `semi` config section (30 epochs by
 default): <run>/semi.pt (+ .yaml), resumed after a crash, loss log <run>/semi.jsonl. Then
-predicts validation (<run>/semi/predictions/validation/<wnid>/<name>.png, existing ones
-skipped) and evaluates without matching (the head predicts GT ids):
-<run>/semi/metrics.json, in the format of <run>/metrics.json.
+predicts a split (validation, or test: <run>/semi/predictions/<split>/<wnid>/<name>.png,
+existing ones skipped) and, when the split has GT, evaluates without matching (the head
+predicts GT ids): <run>/semi/metrics.json (test: <run>/semi/test/metrics.json), in the
+format of <run>/metrics.json.
 """
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from pathlib import Path
 from torch import nn
 
 from lusscore.engine import Runtime, StageCheckpoint
-from lusscore.stages.common import add_run_arguments, dataset_of, start_run
+from lusscore.stages.common import (add_run_arguments, dataset_of, predictions_dir,
+                                    protocol_metrics_path, start_run)
 
 SECTION = "semi"
 
@@ -33,26 +35,36 @@ def train_semi(cfg: dict, run_dir: Path, rt: Runtime) -> nn.Module:
     return train_segmentation(cfg, SECTION, pairs, run_dir, rt, model)
 
 
-def run_semi(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
+def run_semi(cfg: dict, run_dir: Path, rt: Runtime, split: str = "validation") -> dict | None:
+    """Train (or load) the semi model, predict `split`; its metrics, or None without GT."""
     from lusscore.stages.infer import load_segmentation_model, predict_split
-    from lusscore.stages.run import evaluate_predictions
+    from lusscore.stages.run import evaluate_protocol
     run_dir = Path(run_dir)
     if StageCheckpoint(run_dir, SECTION, rt, cfg).is_done():
         model = load_segmentation_model(cfg, run_dir, rt, stage=SECTION)
     else:
         model = train_semi(cfg, run_dir, rt).to(rt.device)
-    pred_dir = run_dir / SECTION / "predictions" / "validation"
-    predict_split(model, dataset_of(cfg).segmentation_samples("validation"), pred_dir, rt,
+    ds = dataset_of(cfg)
+    predict_split(model, ds.prediction_samples(split), predictions_dir(run_dir, SECTION, split), rt,
                   resize=cfg.get("infer", {}).get("resize", 256))
-    return evaluate_predictions(cfg, run_dir, rt, pred_dir=pred_dir, out_dir=run_dir / SECTION,
-                                match="none")
+    if not ds.has_labels(split):
+        return None
+    return evaluate_protocol(cfg, run_dir, rt, SECTION, split)
 
 
-add_arguments = add_run_arguments
+def add_arguments(parser):
+    add_run_arguments(parser)
+    parser.add_argument("--split", default="validation", choices=["validation", "test"],
+                        help="the split to predict (and score when it has GT)")
 
 
 def main(args):
     cfg, run_dir, rt = start_run(args)
-    result = run_semi(cfg, run_dir, rt)
+    result = run_semi(cfg, run_dir, rt, args.split)
     if rt.is_main:
-        print(f"semi: mIoU {result['mIoU']:.2f} -> {run_dir / SECTION / 'metrics.json'}")
+        if result is None:
+            print(f"semi: predicted {args.split} into {predictions_dir(run_dir, SECTION, args.split)} "
+                  "(no GT: not scored)")
+        else:
+            print(f"semi: {args.split} mIoU {result['mIoU']:.2f} -> "
+                  f"{protocol_metrics_path(run_dir, SECTION, args.split)}")
