@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lusscore.data.views import (IMAGENET_STD, REFERENCE_STD, MultiCropSample,
+from lusscore.data.views import (IMAGENET_MEAN, IMAGENET_STD, REFERENCE_STD, MultiCropSample,
                                  MultiCropTransform, collate_multicrop)
 from lusscore.losses import P2PLoss, p2p_cosine_loss
 from samples import overlap_boxes
@@ -169,3 +169,29 @@ def test_views_and_overlap_gather_align_the_same_pixels():
                                    batch.boxes[1], torch.zeros_like(batch.flips[0]),
                                    torch.zeros_like(batch.flips[1]), size=5, cell_centers=True)
     assert (h1 - h2)[mixed][:, 0].abs().max().item() > 1.0
+
+
+def test_augment_options_from_the_config():
+    """`pretrain.augment` reaches the crops' photometric pipeline; mistakes are named."""
+    from lusscore.data.views import augment_options
+    assert augment_options(None) == {}
+    opts = augment_options({"blur_p": 0.0, "color_p": 0.0, "grayscale_p": 0.0,
+                            "blur_sigma": [0.1, 1.0]})
+    assert opts["blur_sigma"] == (0.1, 1.0)
+    # A flat image stays its colour with every photometric step off, and not with jitter on.
+    image = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    image[0], image[1], image[2] = 200, 90, 30
+    expected = (torch.tensor([200, 90, 30]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.manual_seed(0)
+    for crop in MultiCropTransform((32,), (2,), (0.5,), (1.0,), **opts)(image).crops:
+        assert torch.allclose(crop, expected[:, None, None].expand_as(crop), atol=1e-5)
+    jittered = MultiCropTransform((32,), (2,), (0.5,), (1.0,), **{**opts, "color_p": 1.0})(image)
+    assert not any(torch.allclose(c, expected[:, None, None].expand_as(c), atol=1e-2)
+                   for c in jittered.crops)
+    gray = MultiCropTransform((32,), (2,), (0.5,), (1.0,), **{**opts, "grayscale_p": 1.0})(image)
+    assert all(torch.allclose(c[0] * 0.229 + 0.485, c[1] * 0.224 + 0.456, atol=1e-5)
+               for c in gray.crops)  # grayscale: equal channels before normalisation
+    for bad, match in (({"hue": 0.1}, "unknown keys"), ({"blur_p": 1.5}, "blur_p"),
+                       ({"blur_sigma": [2.0, 1.0]}, "blur_sigma")):
+        with pytest.raises(ValueError, match=match):
+            augment_options(bad)
