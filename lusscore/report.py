@@ -393,17 +393,15 @@ def _figure(name: str, caption: str = "", alt: str = "") -> str:
             f"</a>{cap}</figure>")
 
 
-BASELINES = "baselines.json"  # written by `luss baselines` (lusscore.baselines)
-
-
 def floors_section(run_dir: Path, ran: list, metrics: dict) -> list[str]:
     """The trivial floors of <run>/baselines.json in rows beside the protocols' main numbers;
     a note when the file is absent or unreadable."""
     from lusscore.baselines import read_baselines
-    path = run_dir / BASELINES
+    from lusscore.stages.common import baselines_path
+    path = baselines_path(run_dir, "validation")
     parts = ["<h3>Trivial floors (no learning)</h3>"]
     if not path.is_file():
-        return parts + [(f'<p class="note">no {BASELINES}: write it with <code>luss baselines '
+        return parts + [(f'<p class="note">no {path.name}: write it with <code>luss baselines '
                          f"--data ROOT --split validation --out {_e(path)}</code>.</p>")]
     try:
         base = read_baselines(path)
