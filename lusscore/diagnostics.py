@@ -84,3 +84,33 @@ def format_foreground(scores: dict) -> str:
     if "iou_at_tau" in scores:
         text += f"; IoU at tau {scores['tau']:.3f}: {100 * scores['iou_at_tau']:.1f}%"
     return text
+
+
+# ----------------------------------------------------------------------------- clusters
+
+TRAIN_LABELS = "train-segmentation"  # the synthetic sets' train GT (the benchmark has none)
+
+
+def object_hue_bins(root, samples, bins: int = 6) -> np.ndarray | None:
+    """Per train image, the hue bin (0..bins-1) of its folder-class object: the circular mean
+    hue of the object's pixels in the train GT (<root>/train-segmentation/<wnid>/<name>.png).
+    None when that GT is absent. With the image clusters' NMI against the class, the NMI
+    against this says whether the clusters follow the class or the object's colour."""
+    from PIL import Image
+    labels = Path(root) / TRAIN_LABELS
+    if not labels.is_dir():
+        return None
+    out = np.empty(len(samples), dtype=np.int64)
+    for i, (path, class_id) in enumerate(samples):
+        path = Path(path)
+        label = read_label_png(labels / path.parent.name / (path.stem + ".png"))
+        with Image.open(path) as im:
+            hsv = np.asarray(im.convert("RGB").convert("HSV"), dtype=np.float64)
+        if hsv.shape[:2] != label.shape:
+            raise LusscoreError(f"size mismatch: {path} and its train label are not the same size")
+        hue = hsv[..., 0][label == class_id] * (2 * np.pi / 256)
+        if hue.size == 0:
+            hue = hsv[..., 0].ravel() * (2 * np.pi / 256)
+        mean = np.angle(np.exp(1j * hue).mean()) % (2 * np.pi)
+        out[i] = int(mean / (2 * np.pi) * bins) % bins
+    return out

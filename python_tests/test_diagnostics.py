@@ -93,3 +93,32 @@ def test_reads_saved_maps_and_skips_ignore(tmp_path):
         attention_foreground(samples, labels)
     with pytest.raises(LusscoreError, match="no validation samples"):
         attention_foreground([], labels)
+
+
+def test_object_hue_bins_on_hand_made_images(tmp_path):
+    """Each image's object hue lands in its bin; the background and the other class's object
+    do not count; no train GT gives None."""
+    import colorsys
+
+    from PIL import Image
+
+    from lusscore.data.label_io import write_label_png
+    from lusscore.diagnostics import object_hue_bins
+    assert object_hue_bins(tmp_path, []) is None
+    samples, expected = [], []
+    for i, (hue, class_id) in enumerate([(0.05, 1), (0.25, 2), (0.55, 1), (0.9, 2)]):
+        rgb = np.zeros((20, 30, 3), np.uint8)
+        rgb[:] = (255, 255, 255)  # white background: hue 0, must not count
+        rgb[5:15, 5:12] = [int(255 * c) for c in colorsys.hsv_to_rgb(hue, 1.0, 1.0)]
+        rgb[5:15, 20:25] = [int(255 * c) for c in colorsys.hsv_to_rgb((hue + 0.5) % 1, 1.0, 1.0)]
+        label = np.zeros((20, 30), np.int64)
+        label[5:15, 5:12] = class_id
+        label[5:15, 20:25] = 3 - class_id  # another class: not the folder's
+        wnid = f"n9000000{class_id}"
+        image = tmp_path / "train" / wnid / f"{wnid}_{i}.png"
+        image.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rgb).save(image)
+        write_label_png(tmp_path / "train-segmentation" / wnid / f"{wnid}_{i}.png", label)
+        samples.append((image, class_id))
+        expected.append(int(hue * 6))
+    assert object_hue_bins(tmp_path, samples).tolist() == expected

@@ -5,7 +5,8 @@ Each image is resized (shorter side `cluster.resize`, 256) and centre-cropped
 normalised (`cluster.pooling: mean` pools without attention, an ablation), and k-means
 (K clusters, `niter` iterations, best of `nredo` restarts) gives
 <run>/cluster/centroids.npy (K, L), image assignments and, when the folder labels exist,
-NMI and Hungarian accuracy against them (cluster/summary.json).
+NMI and Hungarian accuracy against them (cluster/summary.json); with the train GT of a
+synthetic set, also the NMI against the hue of each image's object (`nmi_object_hue`).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from lusscore.cluster import KMeans
+from lusscore.diagnostics import object_hue_bins
 from lusscore.engine import Runtime
 from lusscore.models.backbone import load_attention_checkpoint
 from lusscore.ops.switch import ops_from_config
@@ -72,6 +74,9 @@ def run_cluster(cfg: dict, run_dir: Path, rt: Runtime, samples) -> dict:
     truth = np.array([c for _, c in samples])
     summary = {"k": ccfg["k"], "images": len(samples), "objective": km.objective_history[-1],
                "nmi": nmi(labels, truth), "hungarian_accuracy": hungarian_accuracy(labels, truth)}
+    hues = object_hue_bins(dataset_of(cfg).root, samples)
+    if hues is not None:  # what else the clusters may follow: the object's colour
+        summary["nmi_object_hue"] = nmi(labels, hues)
     out = run_dir / "cluster"
     if rt.is_main:
         with atomic_path(out / "centroids.npy") as tmp:

@@ -302,8 +302,10 @@ def run_unsupervised(cfg: dict, run_dir: Path, rt: Runtime, train, timings: Stag
     else:
         cluster = run_cluster(cfg, run_dir, rt, train)
     timings.lap("cluster")
+    hue = (f"; NMI vs the object's hue {cluster['nmi_object_hue']:.3f}"
+           if "nmi_object_hue" in cluster else "")
     log(rt, f"cluster: K={cluster['k']} NMI {cluster['nmi']:.3f}, image-level Hungarian accuracy "
-            f"{100 * cluster['hungarian_accuracy']:.1f}%")
+            f"{100 * cluster['hungarian_accuracy']:.1f}%{hue}")
 
     sweep_file = run_dir / "sweep_tau.json"
     if "sweep" in cfg["label"] and cfg["label"]["sweep"]:
