@@ -61,7 +61,7 @@ _BUCKET_WEIGHTS = (0.10, 0.20, 0.30, 0.40)
 MULTI_CLASS_SHARE = 0.08
 # An object's centre keeps this many radii from the image edge (or sits in the middle):
 # loose, so that objects are not where a centred disc puts them without looking.
-CENTRE_MARGIN = 0.3
+_CENTRE_MARGIN = 0.3
 # Objects stand out by texture contrast: their two colours differ in value (brightness) by a
 # gap in this range. Clutter shows the same textures faintly: its second colour lies this
 # share of the way from its first towards another palette colour.
@@ -262,7 +262,7 @@ def _place(rng, shape: str, X, Y, h: int, w: int, area: float, stretch_max: floa
     target = area * h * w
     r = math.sqrt(target / math.pi)
     # Centres keep most of the object in view; large objects stay near the middle.
-    mx, my = min(CENTRE_MARGIN * r, w / 2), min(CENTRE_MARGIN * r, h / 2)
+    mx, my = min(_CENTRE_MARGIN * r, w / 2), min(_CENTRE_MARGIN * r, h / 2)
     g = _Geom(cx=rng.uniform(mx, w - mx), cy=rng.uniform(my, h - my), r=r,
               rot=rng.uniform(0, 2 * math.pi), stretch=math.sqrt(rng.uniform(1.0, stretch_max)),
               lobes=tuple((rng.uniform(0.06, 0.18), rng.uniform(0, 2 * math.pi)) for _ in range(3)))
