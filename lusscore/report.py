@@ -21,10 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
+from lusscore.stages.layout import (
+    RUN_CONFIG,
+    baselines_path,
+    match_path,
+    predictions_dir,
+    protocol_metrics_path,
+)
 from lusscore.utils import LusscoreError, atomic_path, atomic_write_text
 
 REPORT_DIR = "report"
-RUN_CONFIG = "config.yaml"  # = lusscore.stages.common.RUN_CONFIG (not imported: no torch needed)
 STAGES = ("pretrain", "attention", "finetune", "semi")  # the order of the loss curves
 SUMMARY_KEYS = ("mIoU", "mBIoU", "Acc", "FMeasure")
 SIZE_KEYS = ("S", "MS", "ML", "L", "BS", "BMS", "BML", "BL")
@@ -37,23 +43,19 @@ MAX_ID = 65535  # the largest id a label PNG holds
 
 @dataclass(frozen=True)
 class Protocol:
-    key: str      # file-name friendly id
+    key: str      # the protocol's name in the run-folder layout (lusscore.stages.common)
     title: str
-    folder: str   # sub-folder of the run ("" = the run itself)
 
-    def root(self, run_dir: Path) -> Path:
-        return run_dir / self.folder if self.folder else run_dir
-
-    def metrics_path(self, run_dir: Path) -> Path:
-        return self.root(run_dir) / "metrics.json"
+    def metrics_path(self, run_dir: Path, split: str = "validation") -> Path:
+        return protocol_metrics_path(run_dir, self.key, split)
 
     def predictions(self, run_dir: Path) -> Path:
-        return self.root(run_dir) / "predictions" / "validation"
+        return predictions_dir(run_dir, self.key, "validation")
 
 
-PROTOCOLS = (Protocol("unsupervised", "fully unsupervised", ""),
-             Protocol("semi", "semi-supervised", "semi"),
-             Protocol("distance_match", "distance matching", "distance_match"))
+PROTOCOLS = (Protocol("unsupervised", "fully unsupervised"),
+             Protocol("semi", "semi-supervised"),
+             Protocol("distance_match", "distance matching"))
 
 
 # ---------------------------------------------------------------- colours and the picture grid
@@ -239,8 +241,8 @@ def check_run(run_dir: Path) -> dict:
 def _protocol_match(run_dir: Path, p: Protocol, metrics: dict) -> dict | None:
     """The protocol's {pred id: GT id}: from metrics.json, else its match.json, else None."""
     match = metrics.get("match")
-    if match is None and (p.root(run_dir) / "match.json").is_file():
-        match = _read_json(p.root(run_dir) / "match.json")
+    if match is None and match_path(run_dir, p.key).is_file():
+        match = _read_json(match_path(run_dir, p.key))
     return None if match is None else {int(k): int(v) for k, v in match.items()}
 
 
@@ -394,27 +396,34 @@ def _figure(name: str, caption: str = "", alt: str = "") -> str:
 
 
 def floors_section(run_dir: Path, ran: list, metrics: dict) -> list[str]:
-    """The trivial floors of <run>/baselines.json in rows beside the protocols' main numbers;
-    a note when the file is absent or unreadable."""
+    """Each protocol's main numbers beside the trivial floors (<run>/baselines.json), for
+    validation and, when scored, test; a note when the floors are absent or unreadable."""
     from lusscore.baselines import read_baselines
-    from lusscore.stages.common import baselines_path
-    path = baselines_path(run_dir, "validation")
     parts = ["<h3>Trivial floors (no learning)</h3>"]
+    path = baselines_path(run_dir, "validation")
     if not path.is_file():
         return parts + [(f'<p class="note">no {path.name}: write it with <code>luss baselines '
                          f"--data ROOT --split validation --out {_e(path)}</code>.</p>")]
+    floors, scores = {}, {}
     try:
-        base = read_baselines(path)
+        for split in ("validation", "test"):
+            if baselines_path(run_dir, split).is_file():
+                floors[split] = read_baselines(baselines_path(run_dir, split))
+                scores[split] = {p.key: metrics[p.key] if split == "validation"
+                                 else _read_json(p.metrics_path(run_dir, split))
+                                 for p in ran if p.metrics_path(run_dir, split).is_file()}
     except LusscoreError as e:
         return parts + [f'<p class="missing">{_e(e)}</p>']
-    header = ["protocol", "mIoU", "mBIoU", "Img-Acc", "F-measure"]
-    rows = [[p.title] + [fmt(metrics[p.key].get(k)) for k in SUMMARY_KEYS] for p in ran]
-    rows += [[f"floor {name}"] + [fmt(m.get(k)) for k in SUMMARY_KEYS]
-             for name, m in base["floors"].items()]
-    note = (f'<p class="note">floors on split {_e(base.get("split", "?"))}, match '
-            f'{_e(base.get("match", "?"))}: colour_kmeans = K+1 RGB clusters (the '
-            "border's cluster is 'other'), centre_disc = a centred disc with one random "
-            "id per image, all_other = every pixel 'other'.</p>")
+    splits = list(floors)
+    header = ["protocol"] + [f"{KEY_LABELS[k]} ({split})" for split in splits for k in SUMMARY_KEYS]
+    cells = lambda m: [fmt(m.get(k)) if m else "-" for k in SUMMARY_KEYS]
+    rows = [[p.title] + sum((cells(scores[s].get(p.key)) for s in splits), []) for p in ran]
+    rows += [[f"floor {name}"] + sum((cells(floors[s]["floors"].get(name)) for s in splits), [])
+             for name in floors["validation"]["floors"]]
+    note = (f'<p class="note">floors with match {_e(floors["validation"].get("match", "?"))}: '
+            "colour_kmeans = K+1 RGB clusters (the border's cluster is 'other'), centre_disc = "
+            "a centred disc with one random id per image, all_other = every pixel 'other'. "
+            "Choices are made on validation; test is scored once with them.</p>")
     return parts + [_table(header, rows), note]
 
 

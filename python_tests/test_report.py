@@ -16,6 +16,7 @@ from lusscore.data import ImageNetS, read_label_png, write_label_png
 from lusscore.data.synthetic import SynthConfig, generate_dataset
 from lusscore.engine import Runtime
 from lusscore.report import PROTOCOLS, read_jsonl, save_picture, smooth, write_report
+from lusscore.stages.layout import protocol_dir
 from lusscore.utils import LusscoreError
 
 CLASSES = 3
@@ -85,9 +86,10 @@ def add_protocol(run: Path, key: str, miou: float) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["mIoU"] = miou
     metrics["match"] = None  # these protocols predict GT ids directly
-    p.root(run).mkdir(parents=True, exist_ok=True)
+    folder = protocol_dir(run, p.key)
+    folder.mkdir(parents=True, exist_ok=True)
     (p.metrics_path(run)).write_text(json.dumps(metrics))
-    shutil.copytree(run / "predictions", p.root(run) / "predictions")
+    shutil.copytree(run / "predictions", folder / "predictions")
 
 
 class _Links(HTMLParser):

@@ -411,3 +411,21 @@ def test_submit_refuses_missing_extra_and_unmatched(infer_run, roots, tmp_path, 
     assert cli.main(["submit", str(run)]) == 2
     assert "match.json not found" in capsys.readouterr().err
     assert "submit" in cli._usage()
+
+
+def test_report_shows_validation_and_test_beside_the_floors(runs):
+    """The report's floors table: every protocol and floor, validation and test columns."""
+    from lusscore.report import write_report
+    run = runs["full"][0]
+    page = write_report(run, rows=0).read_text()
+    assert "<th>mIoU (validation)</th>" in page and "<th>mIoU (test)</th>" in page
+    val = json.loads((run / "baselines.json").read_text())["floors"]["centre_disc"]
+    test = json.loads((run / "test" / "baselines.json").read_text())["floors"]["centre_disc"]
+    row = page[page.index("<td>floor centre_disc</td>"):].split("</tr>")[0]
+    assert f"<td>{val['mIoU']:.2f}</td>" in row and f"<td>{test['mIoU']:.2f}</td>" in row
+    semi_test = json.loads((run / "semi" / "test" / "metrics.json").read_text())["mIoU"]
+    row = page[page.index("<td>semi-supervised</td>"):].split("</tr>")[0]
+    assert f"<td>{semi_test:.2f}</td>" in row
+    # Without test GT the table has validation columns only.
+    no_gt = write_report(runs["no_gt"][0], rows=0).read_text()
+    assert "<th>mIoU (validation)</th>" in no_gt and "<th>mIoU (test)</th>" not in no_gt

@@ -7,47 +7,17 @@ from lusscore.config import apply_overrides, load_config, save_config
 from lusscore.data import ImageNetS
 from lusscore.engine import Runtime, StageCheckpoint, seed_everything, setup_runtime
 from lusscore.ops.switch import apply_ops_config
+from lusscore.stages.layout import (  # noqa: F401  (the stages import the layout from here)
+    EVAL_SPLITS,
+    PROTOCOLS,
+    RUN_CONFIG,
+    baselines_path,
+    match_path,
+    predictions_dir,
+    protocol_dir,
+    protocol_metrics_path,
+)
 from lusscore.utils import LusscoreError
-
-RUN_CONFIG = "config.yaml"
-
-# Where each evaluation protocol keeps its results in a run folder. Validation (every choice
-# is made there) sits in the protocol's folder, test (scored once, never used for a choice)
-# in its test/ sub-folder:
-#   <run>[/semi | /distance_match]/predictions/<split>/<wnid>/<name>.png
-#   <run>[/semi | /distance_match]/metrics.json, match.json (when matched on validation)
-#   <run>[/semi | /distance_match]/test/metrics.json
-#   <run>/baselines.json, <run>/test/baselines.json: the trivial floors of each split
-PROTOCOLS = ("unsupervised", "semi", "distance_match")
-EVAL_SPLITS = ("validation", "test")
-
-
-def protocol_dir(run_dir: str | Path, protocol: str) -> Path:
-    if protocol not in PROTOCOLS:
-        raise LusscoreError(f"unknown protocol {protocol!r}; one of {list(PROTOCOLS)}")
-    return Path(run_dir) if protocol == "unsupervised" else Path(run_dir) / protocol
-
-
-def predictions_dir(run_dir: str | Path, protocol: str, split: str) -> Path:
-    return protocol_dir(run_dir, protocol) / "predictions" / split
-
-
-def protocol_metrics_path(run_dir: str | Path, protocol: str, split: str = "validation") -> Path:
-    if split not in EVAL_SPLITS:
-        raise LusscoreError(f"protocols are scored on {list(EVAL_SPLITS)}, not {split!r}")
-    folder = protocol_dir(run_dir, protocol)
-    return (folder if split == "validation" else folder / split) / "metrics.json"
-
-
-def baselines_path(run_dir: str | Path, split: str = "validation") -> Path:
-    """The trivial floors of a split, beside the unsupervised protocol's metrics.json."""
-    return protocol_metrics_path(run_dir, "unsupervised", split).with_name("baselines.json")
-
-
-def match_path(run_dir: str | Path, protocol: str) -> Path:
-    """The match found on validation; test reuses it (re-matching on test would be a choice
-    made on test)."""
-    return protocol_dir(run_dir, protocol) / "match.json"
 
 
 def add_run_arguments(parser, config_required: bool = False) -> None:
