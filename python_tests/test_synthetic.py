@@ -5,10 +5,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from lusscore.data import IGNORE_INDEX, ImageNetS, read_label_png, read_names
-from lusscore.data.synthetic import (PENDING_FILE, SUMMARY_FILE, SynthConfig, generate_dataset,
-                                     render_sample, size_bucket, wnids)
+from lusscore.data.synthetic import (
+    LABEL_FOLDERS,
+    PENDING_FILE,
+    SUMMARY_FILE,
+    SynthConfig,
+    generate_dataset,
+    render_sample,
+    size_bucket,
+    wnids,
+)
 from lusscore.utils import LusscoreError
 
 TINY = SynthConfig(classes=3, train_per_class=3, val_per_class=2, semi_per_class=1,
@@ -203,21 +212,26 @@ def test_statistics(medium):
     assert 0.2 < summary["mean_object_share"] < 0.6  # objects large on average
 
 
-def _hue_histograms(root: Path, k: int, region: str, bins: int = 6):
-    """Per train image: (its class index, the hue histogram of its object (or background)
-    pixels, summing to 1)."""
-    classes, hists = [], []
+def _split_images(root: Path, split: str, k: int):
+    """(RGB image, label, class index of its folder) of every image of a split."""
+    folder = LABEL_FOLDERS[split]
     for path, label in _all_labels(root):
-        if "train-segmentation" not in path.parts:
-            continue
-        image = root / "train" / path.parent.name / (path.stem + ".JPEG")
-        hsv = np.asarray(Image.open(image).convert("HSV"), np.float32) / 256
-        c = wnids(k).index(path.parent.name)
-        pixels = label == (c + 1 if region == "object" else 0)
-        h = np.bincount((hsv[..., 0][pixels] * bins).astype(int), minlength=bins)[:bins]
-        classes.append(c)
-        hists.append(h / max(h.sum(), 1))
-    return np.array(classes), np.array(hists)
+        if folder in path.parts:
+            image = Image.open(root / split / path.parent.name / (path.stem + ".JPEG")).convert("RGB")
+            yield image, label, wnids(k).index(path.parent.name)
+
+
+def _hue_histograms(root: Path, k: int, bins: int = 6) -> dict:
+    """{"object" | "background": (class index per train image, its hue histograms over that
+    region's pixels, each summing to 1)}."""
+    out = {"object": ([], []), "background": ([], [])}
+    for image, label, c in _split_images(root, "train", k):
+        hue = np.asarray(image.convert("HSV"), np.float32)[..., 0] / 256
+        for region, pixels in (("object", label == c + 1), ("background", label == 0)):
+            h = np.bincount((hue[pixels] * bins).astype(int), minlength=bins)[:bins]
+            out[region][0].append(c)
+            out[region][1].append(h / max(h.sum(), 1))
+    return {region: (np.array(c), np.array(h)) for region, (c, h) in out.items()}
 
 
 def _largest_group_gap(groups: np.ndarray, hists: np.ndarray) -> float:
@@ -231,15 +245,13 @@ def test_colour_says_nothing_about_the_class(medium):
     sampling noise; grouping the same images by colour shows what a class-coloured set
     would give."""
     root, _ = medium
-    k = MEDIUM.classes
-    for region in ("object", "background"):
-        classes, hists = _hue_histograms(root, k, region)
+    histograms = _hue_histograms(root, MEDIUM.classes)
+    for region, (classes, hists) in histograms.items():
         by_class = _largest_group_gap(classes, hists)
         by_colour = _largest_group_gap(hists.argmax(1), hists)
         assert by_class < 0.2 and by_colour > 2 * by_class, (region, by_class, by_colour)
     # Objects and backgrounds draw from one palette.
-    obj = _hue_histograms(root, k, "object")[1].mean(0)
-    bg = _hue_histograms(root, k, "background")[1].mean(0)
+    obj, bg = (histograms[region][1].mean(0) for region in ("object", "background"))
     assert np.abs(obj - bg).max() < 0.1, (obj.round(2), bg.round(2))
 
 
@@ -248,21 +260,12 @@ def test_objects_stand_out_by_texture_contrast(medium):
     object is found by texture, not by colour."""
     root, _ = medium
     obj_spread, bg_spread = [], []
-    for path, label in _all_labels(root):
-        if "validation-segmentation" not in path.parts:
-            continue
-        image = root / "validation" / path.parent.name / (path.stem + ".JPEG")
-        v = np.asarray(Image.open(image).convert("L"), np.float32) / 255
-        local = np.abs(v - ndimage_uniform(v))
-        obj = (label > 0) & (label != IGNORE_INDEX)
-        obj_spread.append(local[obj].mean())
+    for image, label, _ in _split_images(root, "validation", MEDIUM.classes):
+        v = np.asarray(image.convert("L"), np.float32) / 255
+        local = np.abs(v - ndimage.uniform_filter(v, size=5))
+        obj_spread.append(local[(label > 0) & (label != IGNORE_INDEX)].mean())
         bg_spread.append(local[label == 0].mean())
     assert np.median(obj_spread) > 1.5 * np.median(bg_spread)
-
-
-def ndimage_uniform(v: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-    return ndimage.uniform_filter(v, size=5)
 
 
 # ----------------------------------------------------------------------------- reuse
