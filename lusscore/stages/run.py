@@ -34,6 +34,7 @@ from lusscore.ops.switch import ops_from_config, ops_mode
 from lusscore.stages.common import (
     PROTOCOLS,
     RUN_CONFIG,
+    baselines_path,
     dataset_of,
     match_path,
     predictions_dir,
@@ -81,6 +82,11 @@ def report_attention_foreground(cfg: dict, run_dir: Path, rt: Runtime, tau: floa
     return scores
 
 
+def eval_device(rt: Runtime) -> str:
+    """Where scoring runs: the run's GPU, else the CPU."""
+    return str(rt.device) if rt.device.type == "cuda" else "cpu"
+
+
 def evaluate_predictions(cfg: dict, run_dir: Path, rt: Runtime, pred_dir: Path | None = None,
                          out_dir: Path | None = None, match: str = "hungarian",
                          split: str = "validation", workers: int = 0) -> dict:
@@ -95,7 +101,7 @@ def evaluate_predictions(cfg: dict, run_dir: Path, rt: Runtime, pred_dir: Path |
                else protocol_metrics_path(run_dir, "unsupervised", split).parent)
     result = evaluate(ds.labels_dir(split), pred_dir,
                       ds.num_classes, names=names if names.is_file() else None, match=match,
-                      device=str(rt.device) if rt.device.type == "cuda" else "cpu", workers=workers)
+                      device=eval_device(rt), workers=workers)
     if rt.is_main:
         if match == "hungarian":
             match_ids = {str(k): int(v) for k, v in result["match"].items()}
@@ -254,23 +260,21 @@ def format_protocols(summary: dict, floors: dict | None = None) -> str:
 
 
 def run_baselines(cfg: dict, run_dir: Path, rt: Runtime) -> dict:
-    """The trivial floors of every scored split, {split: baselines}: computed once into
-    <run>/baselines.json and <run>/test/baselines.json (main process), then read back."""
+    """The trivial floors of every scored split, {split: baselines} on the main process ({}
+    elsewhere): computed once into <run>/baselines.json and <run>/test/baselines.json."""
     from lusscore.baselines import compute_baselines, read_baselines, write_baselines
-    from lusscore.stages.common import baselines_path
-    ds = dataset_of(cfg)
     floors = {}
-    for split in scored_splits(ds):
-        path = baselines_path(run_dir, split)
-        if not rt.is_main:
-            continue
-        if path.is_file():
-            floors[split] = read_baselines(path)
-            continue
-        log(rt, f"baselines: trivial floors on {split}")
-        floors[split] = compute_baselines(ds, split, seed=int(cfg.get("seed", 0)),
-                                          device=str(rt.device) if rt.device.type == "cuda" else "cpu")
-        write_baselines(path, floors[split])
+    if rt.is_main:
+        ds = dataset_of(cfg)
+        for split in scored_splits(ds):
+            path = baselines_path(run_dir, split)
+            if path.is_file():
+                floors[split] = read_baselines(path)
+                continue
+            log(rt, f"baselines: trivial floors on {split}")
+            floors[split] = compute_baselines(ds, split, seed=int(cfg.get("seed", 0)),
+                                              device=eval_device(rt))
+            write_baselines(path, floors[split])
     rt.barrier()
     return floors
 
