@@ -36,11 +36,10 @@ import common  # noqa: E402
 import lusscore.ops as ops  # noqa: E402
 from lusscore.config import apply_overrides, load_config  # noqa: E402
 from lusscore.data.views import MultiCropTransform, collate_multicrop  # noqa: E402
-from lusscore.engine import Runtime, autocast  # noqa: E402
-from lusscore.optim import LARS  # noqa: E402
-from lusscore.stages.attention import AttentionModel  # noqa: E402
-from lusscore.stages.pretrain import (N_LARGE, PASSPretrainModel, SwAVQueue, add_p2p,  # noqa: E402
-                                      pass_losses)
+from lusscore.engine import Runtime, train_step  # noqa: E402
+from lusscore.losses.pass_loss import SwAVQueue  # noqa: E402
+from lusscore.stages.attention import AttentionTrainer  # noqa: E402
+from lusscore.stages.pretrain import PretrainTrainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,6 +59,7 @@ QUICK_SET = ["data.num_classes=3", "data.workers=0", "model.width=8", "model.out
              "finetune.epochs=1", "finetune.batch_size=8", "finetune.crop=48", "finetune.label_size=24",
              "infer.resize=48"]
 MODES = ("fused", "reference")
+STEADY_STATE = 1 << 30  # an iteration past freeze_prototypes_iters: every parameter steps
 
 
 # ------------------------------------------------------------------ training steps
@@ -97,53 +97,25 @@ def full_queue(length: int, dim: int, batch: int, device) -> SwAVQueue | None:
 
 
 def pretrain_step_fn(cfg: dict, rt: Runtime, batch):
-    """A closure running one pretrain iteration as lusscore.stages.pretrain does."""
-    pcfg, mcfg = cfg["pretrain"], cfg["model"]
-    weights = dict(pcfg.get("loss_weights", {"swav": 0.5, "d2s": 0.5, "p2p": 1.0}))
+    """A closure running one iteration of the pretrain stage's own trainer (the training loop's
+    train_step), with the SwAV queue full as after epoch_queue_starts."""
     torch.manual_seed(0)
-    model = PASSPretrainModel(mcfg, weights, pcfg.get("p2p_lattice", 7)).to(rt.device).train()
-    optimizer = LARS(model.parameters(), lr=pcfg["base_lr"], momentum=0.9,
-                     weight_decay=pcfg.get("weight_decay", 1e-6))
-    bs, n_crops = batch.images[0].shape[0], len(batch.images)
-    queue = full_queue(int(pcfg.get("queue_length", 0)), mcfg["feat_dim"], bs, rt.device)
-    groups = batch.by_size()
-
-    def step():
-        model.prototypes.normalize_()
-        with autocast(rt):
-            out = model(groups)
-        total, parts = pass_losses(out, bs, n_crops, weights, pcfg, queue, model.prototypes.weight)
-        total = add_p2p(model, out, batch, bs, weights, total, parts)
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        optimizer.step()
-        return total
-
-    return step, bs
+    trainer = PretrainTrainer(cfg, rt, samples=[])
+    bs = batch.images[0].shape[0]
+    trainer.queue = full_queue(trainer.queue_len, cfg["model"]["feat_dim"], bs, rt.device)
+    return lambda: train_step(trainer, batch, STEADY_STATE)[0], bs
 
 
 def attention_step_fn(cfg: dict, rt: Runtime, batch):
-    """One attention-stage iteration (frozen backbone, trainable attention and prototypes)."""
-    acfg, pcfg = cfg["attention"], cfg["pretrain"]
+    """One iteration of the attention stage's trainer (frozen backbone, trainable attention
+    and prototypes)."""
     torch.manual_seed(0)
-    model = AttentionModel(cfg).to(rt.device).train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = LARS(trainable, lr=acfg["base_lr"], momentum=0.9, weight_decay=acfg.get("weight_decay", 1e-6))
+    trainer = AttentionTrainer(cfg, rt, samples=[], pretrain_state=None)
     bs = batch.images[0].shape[0]
-    queue = full_queue(int(acfg.get("queue_length", 0)), cfg["model"]["feat_dim"], bs, rt.device)
-    groups = batch.by_size()
-
-    def step():
-        model.prototypes.normalize_()
-        with autocast(rt):
-            out = model(groups)
-        loss, _ = pass_losses(out, bs, N_LARGE, {"swav": 1.0}, pcfg, queue, model.prototypes.weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
-
-    return step, bs
+    if trainer.queue is not None:
+        trainer.queue = full_queue(trainer.queue.tensor.shape[1], cfg["model"]["feat_dim"], bs,
+                                   rt.device)
+    return lambda: train_step(trainer, batch, STEADY_STATE)[0], bs
 
 
 def measure(name: str, make_step, cfg: dict, rt: Runtime, batch, mode: str, warmup: int, repeat: int):

@@ -195,7 +195,7 @@ def read_baselines(path: str | os.PathLike) -> dict:
 
 
 def format_floors(baselines: dict, width: int = 20, header: bool = True) -> str:
-    """One `floor <name>` row per floor, in the columns of run.py's format_protocols
+    """One `floor <name>` row per floor, in the columns of stages/evaluate.py's format_protocols
     (protocol, mIoU, mBIoU, Acc, F, match); `width` is the first column's."""
     def fmt(v):
         return "nan" if v is None else f"{v:.2f}"

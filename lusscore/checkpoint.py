@@ -52,3 +52,8 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", restore_rng: bo
     if restore_rng and "rng" in state:
         set_rng_state(state["rng"])
     return state
+
+
+def checkpoint_done(path: str | os.PathLike) -> bool:
+    """True when the stage checkpoint at path exists and was saved after its last epoch."""
+    return Path(path).is_file() and bool(load_checkpoint(path).get("done", False))

@@ -14,15 +14,38 @@ import yaml
 from lusscore.utils import LusscoreError, atomic_write_text
 
 
+DEFAULTS = "defaults"  # configs/defaults.yaml: every optional key, under every config
+
+
 def packaged_configs() -> list[str]:
     return sorted(p.name.removesuffix(".yaml") for p in resources.files("lusscore.configs").iterdir()
-                  if p.name.endswith(".yaml"))
+                  if p.name.endswith(".yaml") and p.name != f"{DEFAULTS}.yaml")
+
+
+def with_defaults(cfg: dict) -> dict:
+    """cfg over configs/defaults.yaml, section by section: a section's keys are added where
+    cfg lacks them (after its own, so a saved config reads in its order); a key's value (a
+    mapping included) is never merged into."""
+    defaults = _read_config(DEFAULTS)
+    merged = copy.deepcopy(cfg)
+    for key, value in defaults.items():
+        if key not in merged:
+            merged[key] = copy.deepcopy(value)
+        elif isinstance(value, dict) and isinstance(merged[key], dict):
+            for sub, default in value.items():
+                merged[key].setdefault(sub, copy.deepcopy(default))
+    return merged
 
 
 def load_config(name_or_path: str | os.PathLike) -> dict:
-    """A YAML file, or the name of a packaged config (e.g. 'demo', 'imagenet_s50')."""
+    """A YAML file, or the name of a packaged config (e.g. 'demo', 'imagenet_s50'), over the
+    defaults of every optional key (configs/defaults.yaml)."""
+    return with_defaults(_read_config(name_or_path))
+
+
+def _read_config(name_or_path: str | os.PathLike) -> dict:
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
+    if path.suffix in (".yaml", ".yml") or path.is_file():  # a folder named "demo" is no config
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
         text = path.read_text()

@@ -16,7 +16,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from lusscore.checkpoint import load_checkpoint, save_checkpoint
+from tqdm import tqdm
+
+from lusscore.checkpoint import checkpoint_done, load_checkpoint, save_checkpoint
 from lusscore.config import save_config
 
 
@@ -162,7 +164,7 @@ class StageCheckpoint:
         return load_checkpoint(self.path, map_location=map_location, restore_rng=True)
 
     def is_done(self) -> bool:
-        return self.exists() and bool(load_checkpoint(self.path).get("done", False))
+        return checkpoint_done(self.path)
 
     def save(self, state: dict, done: bool = False) -> None:
         if self.rt.is_main:
@@ -180,3 +182,78 @@ def autocast(rt: Runtime):
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+class Trainer:
+    """What one training stage supplies to `train_epochs`: its model (as trained, DDP-wrapped
+    under torchrun), optimizer, loader, per-iteration lr schedule and `loss(batch)`; the hooks
+    default to nothing. The loop owns the rest: resume, schedule, progress, log, checkpoint."""
+
+    name: str                    # the stage: <run>/<name>.pt, <run>/<name>.jsonl
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: DataLoader
+    lrs: list[float]
+    epochs: int
+
+    def loss(self, batch) -> tuple[torch.Tensor, dict, int]:
+        """(loss, {part: tensor} logged as loss_<part>, images in the batch)."""
+        raise NotImplementedError
+
+    def start_epoch(self, epoch: int) -> None:
+        """Before the epoch's first batch (e.g. the SwAV queue starts)."""
+
+    def before_step(self, step: int) -> None:
+        """After backward, before the optimizer step (e.g. prototypes frozen early on)."""
+
+    def state(self) -> dict:
+        """Checkpoint entries beside model, optimizer and epoch."""
+        return {}
+
+    def load(self, state: dict) -> None:
+        """Restore what `state()` saved."""
+
+
+def train_step(trainer: Trainer, batch, step: int) -> tuple[torch.Tensor, dict, int]:
+    """One optimisation step of a stage (also what bench/bench_pipeline.py times)."""
+    loss, parts, images = trainer.loss(batch)
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    trainer.before_step(step)
+    trainer.optimizer.step()
+    return loss, parts, images
+
+
+def train_epochs(trainer: Trainer, run_dir, rt: Runtime, config: dict) -> nn.Module:
+    """The training loop of every stage: resumes from <run>/<stage>.pt at its last saved
+    epoch, follows the lr schedule per iteration, shows progress, appends one JSON line per
+    iteration to <run>/<stage>.jsonl and checkpoints atomically after every epoch (the last
+    one marked done). Returns the unwrapped model."""
+    name, core = trainer.name, unwrap(trainer.model)
+    ck = StageCheckpoint(run_dir, name, rt, config)
+    log = JsonlLog(Path(run_dir) / f"{name}.jsonl", rt)
+    start, iters = 0, len(trainer.loader)
+    state = ck.load()
+    if state is not None:
+        core.load_state_dict(state["model"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        start = state["epoch"]
+        trainer.load(state)
+    for epoch in range(start, trainer.epochs):
+        trainer.loader.sampler.set_epoch(epoch)
+        trainer.start_epoch(epoch)
+        trainer.model.train()
+        bar = tqdm(trainer.loader, desc=f"{name} {epoch + 1}/{trainer.epochs}",
+                   disable=not rt.is_main, leave=False)
+        for it, batch in enumerate(bar):
+            t0 = time.perf_counter()
+            step = epoch * iters + it
+            set_lr(trainer.optimizer, trainer.lrs[step])
+            loss, parts, images = train_step(trainer, batch, step)
+            rate = images * rt.world_size / (time.perf_counter() - t0)
+            bar.set_postfix(loss=f"{loss.item():.3f}", img_s=f"{rate:.0f}")
+            log.write(stage=name, epoch=epoch, iter=step, loss=loss.item(), lr=trainer.lrs[step],
+                      img_s=rate, **{f"loss_{k}": v.item() for k, v in parts.items()})
+        ck.save({"model": core.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                 "epoch": epoch + 1, **trainer.state()}, done=epoch + 1 == trainer.epochs)
+    return core

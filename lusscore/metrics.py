@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from lusscore.utils import LusscoreError
 
@@ -377,3 +378,29 @@ class ThresholdSweep:
     def reset(self) -> None:
         for ev in self.evaluators:
             ev.reset()
+
+
+# Image-level clustering scores (the cluster stage's summary)
+
+
+def nmi(a: np.ndarray, b: np.ndarray) -> float:
+    """Normalised mutual information (arithmetic mean of the entropies, as scikit-learn)."""
+    _, ai = np.unique(a, return_inverse=True)
+    _, bi = np.unique(b, return_inverse=True)
+    joint = np.zeros((ai.max() + 1, bi.max() + 1))
+    np.add.at(joint, (ai, bi), 1)
+    p = joint / joint.sum()
+    pa, pb = p.sum(1), p.sum(0)
+    nz = p > 0
+    mi = (p[nz] * np.log(p[nz] / np.outer(pa, pb)[nz])).sum()
+    ha, hb = -(pa * np.log(pa)).sum(), -(pb * np.log(pb)).sum()
+    return float(mi / max((ha + hb) / 2, 1e-12)) if ha + hb > 0 else 1.0
+
+
+def hungarian_accuracy(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Accuracy of cluster ids against class ids under the best one-to-one match."""
+    k = max(pred.max(), truth.max()) + 1
+    counts = np.zeros((k, k), dtype=np.int64)
+    np.add.at(counts, (pred, truth), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    return float(counts[rows, cols].sum() / len(pred))

@@ -21,17 +21,9 @@ from pathlib import Path
 
 import numpy as np
 
-from lusscore.stages.layout import (
-    RUN_CONFIG,
-    baselines_path,
-    match_path,
-    predictions_dir,
-    protocol_metrics_path,
-)
+from lusscore.stages.layout import RUN_CONFIG, TRAINING_STAGES, RunDir
 from lusscore.utils import LusscoreError, atomic_path, atomic_write_text
 
-REPORT_DIR = "report"
-STAGES = ("pretrain", "attention", "finetune", "semi")  # the order of the loss curves
 SUMMARY_KEYS = ("mIoU", "mBIoU", "Acc", "FMeasure")
 SIZE_KEYS = ("S", "MS", "ML", "L", "BS", "BMS", "BML", "BL")
 KEY_LABELS = {"mIoU": "mIoU", "mBIoU": "mBIoU (boundary)", "Acc": "Img-Acc", "FMeasure": "F-measure",
@@ -43,14 +35,14 @@ MAX_ID = 65535  # the largest id a label PNG holds
 
 @dataclass(frozen=True)
 class Protocol:
-    key: str      # the protocol's name in the run-folder layout (lusscore.stages.common)
+    key: str      # the protocol's name in the run-folder layout (lusscore.stages.layout)
     title: str
 
     def metrics_path(self, run_dir: Path, split: str = "validation") -> Path:
-        return protocol_metrics_path(run_dir, self.key, split)
+        return RunDir(run_dir).metrics(self.key, split)
 
     def predictions(self, run_dir: Path) -> Path:
-        return predictions_dir(run_dir, self.key, "validation")
+        return RunDir(run_dir).predictions(self.key, "validation")
 
 
 PROTOCOLS = (Protocol("unsupervised", "fully unsupervised"),
@@ -130,7 +122,7 @@ def save_picture(run_dir: Path, dataset, predictions: list[tuple[str, Path, dict
     for r, s in enumerate(picks):
         img = np.asarray(read_image(s.image))
         gt = read_label_png(s.label)
-        pseudo_path = run_dir / "labels" / "validation" / s.name
+        pseudo_path = RunDir(run_dir).labels("validation") / s.name
         att_path = pseudo_path.with_suffix(".npy")
         att_full = None
         if att_path.is_file():
@@ -221,8 +213,8 @@ def check_run(run_dir: Path) -> dict:
     """{protocol key: metrics} of a finished run; a clear error when it is not one."""
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder not found: {run_dir}")
-    if not (run_dir / RUN_CONFIG).is_file():
-        raise LusscoreError(f"{run_dir} is not a run folder: {run_dir / RUN_CONFIG} is missing")
+    if not RunDir(run_dir).config.is_file():
+        raise LusscoreError(f"{run_dir} is not a run folder: {RunDir(run_dir).config} is missing")
     metrics = {p.key: _read_json(p.metrics_path(run_dir)) for p in PROTOCOLS
                if p.metrics_path(run_dir).is_file()}
     if not metrics:
@@ -241,8 +233,8 @@ def check_run(run_dir: Path) -> dict:
 def _protocol_match(run_dir: Path, p: Protocol, metrics: dict) -> dict | None:
     """The protocol's {pred id: GT id}: from metrics.json, else its match.json, else None."""
     match = metrics.get("match")
-    if match is None and match_path(run_dir, p.key).is_file():
-        match = _read_json(match_path(run_dir, p.key))
+    if match is None and RunDir(run_dir).match(p.key).is_file():
+        match = _read_json(RunDir(run_dir).match(p.key))
     return None if match is None else {int(k): int(v) for k, v in match.items()}
 
 
@@ -400,15 +392,15 @@ def floors_section(run_dir: Path, ran: list, metrics: dict) -> list[str]:
     validation and, when scored, test; a note when the floors are absent or unreadable."""
     from lusscore.baselines import read_baselines
     parts = ["<h3>Trivial floors (no learning)</h3>"]
-    path = baselines_path(run_dir, "validation")
+    path = RunDir(run_dir).baselines("validation")
     if not path.is_file():
         return parts + [(f'<p class="note">no {path.name}: write it with <code>luss baselines '
                          f"--data ROOT --split validation --out {_e(path)}</code>.</p>")]
     floors, scores = {}, {}
     try:
         for split in ("validation", "test"):
-            if baselines_path(run_dir, split).is_file():
-                floors[split] = read_baselines(baselines_path(run_dir, split))
+            if RunDir(run_dir).baselines(split).is_file():
+                floors[split] = read_baselines(RunDir(run_dir).baselines(split))
                 scores[split] = {p.key: metrics[p.key] if split == "validation"
                                  else _read_json(p.metrics_path(run_dir, split))
                                  for p in ran if p.metrics_path(run_dir, split).is_file()}
@@ -457,12 +449,12 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
 
     run_dir = Path(run_dir)
     metrics = check_run(run_dir)
-    out = run_dir / REPORT_DIR
+    out = RunDir(run_dir).report_dir
     out.mkdir(parents=True, exist_ok=True)
     written: set[str] = set()
-    cfg = yaml.safe_load((run_dir / RUN_CONFIG).read_text()) or {}
+    cfg = yaml.safe_load(RunDir(run_dir).config.read_text()) or {}
     if not isinstance(cfg, dict):
-        raise LusscoreError(f"{run_dir / RUN_CONFIG}: not a YAML mapping")
+        raise LusscoreError(f"{RunDir(run_dir).config}: not a YAML mapping")
     parts = [f"<h1>lusscore run report: {_e(cfg.get('name') or run_dir.name)}</h1>",
              (f'<p class="note">run folder {_e(run_dir.resolve())} · generated '
               f"{_e(datetime.datetime.now().strftime('%Y-%m-%d %H:%M:%S'))}</p>")]
@@ -491,7 +483,7 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
         v = _get(cfg, key)
         if v is not None:
             rows_summary.append([key, json.dumps(v) if isinstance(v, (list, dict)) else str(v)])
-    cluster_file = run_dir / "cluster" / "summary.json"
+    cluster_file = RunDir(run_dir).cluster_summary
     if cluster_file.is_file():
         c = _read_json(cluster_file)
         for k, label in (("nmi", "cluster NMI (image level)"),
@@ -503,8 +495,8 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
         parts.append(f'<p class="missing">{_e(dataset_note)}: no class names and no image grid.</p>')
 
     logs = {}
-    for stage in STAGES:
-        path = run_dir / f"{stage}.jsonl"
+    for stage in TRAINING_STAGES:  # the order of the loss curves
+        path = RunDir(run_dir).training_log(stage)
         if path.is_file():
             records, bad = read_jsonl(path)
             if records:
@@ -525,7 +517,7 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
                   ('<p class="note">logged time: first to last logged iteration (pauses between '
                    "resumed sessions included).</p>")]
     parts.append(f"<details><summary>full config ({_e(RUN_CONFIG)})</summary><pre>"
-                 f"{_e((run_dir / RUN_CONFIG).read_text())}</pre></details>")
+                 f"{_e(RunDir(run_dir).config.read_text())}</pre></details>")
 
     # --- metric tables
     ran = [p for p in PROTOCOLS if p.key in metrics]
@@ -576,7 +568,7 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
 
     # --- tau curve
     parts.append("<h2>Pseudo labels: tau sweep</h2>")
-    sweep_file = run_dir / "sweep_tau.json"
+    sweep_file = RunDir(run_dir).sweep
     sweep = _read_json(sweep_file) if sweep_file.is_file() else None
     tau = float(sweep["best_tau"]) if sweep else float(_get(cfg, "label.tau") or 0.0)
     if sweep and sweep.get("table"):
@@ -603,7 +595,7 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
                 note += f"; {bad} unreadable log line(s) skipped"
             figs.append(_figure(name, note))
         parts.append('<div class="figs">' + "".join(figs) + "</div>")
-    missing_logs = [s for s in STAGES if s not in logs]
+    missing_logs = [s for s in TRAINING_STAGES if s not in logs]
     if missing_logs:
         parts.append('<p class="note">no loss log: '
                      + ", ".join(_e(f"{s}.jsonl") for s in missing_logs) + "</p>")

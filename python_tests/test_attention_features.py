@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from lusscore.models import PixelAttention
-from lusscore.stages.attention_features import load_center_crop, pooled_features
+from lusscore.data.transforms import load_center_crop
+from lusscore.stages.attention_features import pooled_features
 
 
 def test_pooled_features_match_per_image_reference(tmp_path):
@@ -44,7 +45,7 @@ def test_pooled_features_match_per_image_reference(tmp_path):
 
 
 def test_cluster_scores():
-    from lusscore.stages.cluster import hungarian_accuracy, nmi
+    from lusscore.metrics import hungarian_accuracy, nmi
     truth = np.array([1, 1, 2, 2, 3, 3])
     assert nmi(np.array([5, 5, 0, 0, 7, 7]), truth) == 1.0  # a relabelled perfect clustering
     assert hungarian_accuracy(np.array([2, 2, 0, 0, 1, 1]), truth) == 1.0

@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from lusscore.config import apply_overrides, load_config
+from lusscore.config import apply_overrides, load_config, with_defaults
 from lusscore.data import ImageNetS, read_label_png
 from lusscore.data.synthetic import SynthConfig, generate_dataset
 from lusscore.engine import Runtime
 from lusscore.optim import LARS
-from lusscore.stages.attention import AttentionModel, attention_optimizer
-from lusscore.stages.pretrain import pass_losses
-from lusscore.stages.run import report_attention_foreground
+from lusscore.losses.pass_loss import pass_losses
+from lusscore.models.pass_models import AttentionModel
+from lusscore.stages.attention import attention_optimizer
+from lusscore.stages.common import StageContext
+from lusscore.stages.sweep_tau import report_attention_foreground
 from lusscore.utils import LusscoreError
 
 TINY_MODEL = ["model.width=8", "model.hidden_mlp=16", "model.feat_dim=8", "model.num_prototypes=6"]
@@ -25,10 +27,11 @@ def _cfg(*overrides):
 
 def test_optimizer_choice():
     p = [torch.nn.Parameter(torch.zeros(3))]
-    assert type(attention_optimizer(p, {"base_lr": 1.0})) is torch.optim.SGD
-    assert isinstance(attention_optimizer(p, {"base_lr": 1.0, "optimizer": "lars"}), LARS)
+    section = with_defaults({"attention": {"base_lr": 1.0}})["attention"]  # the optimizer's default
+    assert type(attention_optimizer(p, section)) is torch.optim.SGD
+    assert isinstance(attention_optimizer(p, {**section, "optimizer": "lars"}), LARS)
     with pytest.raises(LusscoreError, match="attention.optimizer"):
-        attention_optimizer(p, {"base_lr": 1.0, "optimizer": "adam"})
+        attention_optimizer(p, {**section, "optimizer": "adam"})
 
 
 def test_bn_modes_in_training():
@@ -78,7 +81,7 @@ def test_run_reports_attention_foreground(tmp_path):
         att = np.where((gt != 0) & (gt != 1000), 0.8, 0.2).astype(np.float32)[::4, ::4]
         (labels / s.name).parent.mkdir(parents=True, exist_ok=True)
         np.save((labels / s.name).with_suffix(".npy"), att)
-    scores = report_attention_foreground(cfg, run, Runtime(torch.device("cpu")), tau=0.5)
+    scores = report_attention_foreground(StageContext(cfg, run, Runtime(torch.device("cpu"))), tau=0.5)
     assert scores["auc"] > 0.8 and scores["fg_mean"] > scores["bg_mean"]
     saved = json.loads((run / "attention_score.json").read_text())
     assert saved["auc"] == pytest.approx(scores["auc"]) and saved["tau"] == 0.5

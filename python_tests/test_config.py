@@ -43,3 +43,25 @@ def test_override_errors(tmp_path):
     (tmp_path / "bad.yaml").write_text("a: [1,\n")
     with pytest.raises(LusscoreError, match="not valid YAML"):
         load_config(tmp_path / "bad.yaml")
+
+
+def test_a_folder_named_like_a_packaged_config_is_not_read_as_one(tmp_path, monkeypatch):
+    """`luss demo --out demo` leaves a folder ./demo; load_config("demo") still means the
+    packaged config."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "demo").mkdir()
+    assert load_config("demo")["name"] == "demo"
+
+
+def test_every_config_sits_over_the_defaults(tmp_path):
+    from lusscore.config import with_defaults
+    assert "defaults" not in packaged_configs()
+    path = tmp_path / "mine.yaml"
+    path.write_text("name: mine\npretrain:\n  epochs: 3\n  loss_weights: {swav: 1.0}\n")
+    cfg = load_config(path)
+    assert list(cfg)[0] == "name" and list(cfg["pretrain"])[:2] == ["epochs", "loss_weights"]
+    assert cfg["pretrain"]["epochs"] == 3 and cfg["pretrain"]["weight_decay"] == 1.0e-6
+    assert cfg["pretrain"]["loss_weights"] == {"swav": 1.0}  # a mapping value is never merged into
+    assert cfg["attention"]["optimizer"] == "sgd" and cfg["seed"] == 0
+    assert with_defaults(cfg) == cfg  # a saved run config loads back to itself
+    assert apply_overrides(cfg, ["cluster.nredo=4"])["cluster"]["nredo"] == 4  # defaults are settable

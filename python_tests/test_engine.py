@@ -13,3 +13,91 @@ def test_cpu_runtime_flushes_denormals():
         assert torch.tensor([tiny]).item() == 0.0, "denormals must be flushed on the CPU"
     finally:
         torch.set_flush_denormal(False)
+
+
+# ------------------------------------------------------------------ the one training loop
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import TensorDataset  # noqa: E402
+
+from lusscore.engine import Runtime, Trainer, make_loader, train_epochs, train_step  # noqa: E402
+from lusscore.optim import cosine_schedule  # noqa: E402
+
+CPU = Runtime(torch.device("cpu"))
+
+
+class ToyTrainer(Trainer):
+    """Least squares on fixed data, recording the hooks the loop calls."""
+
+    name = "pretrain"
+
+    def __init__(self, epochs: int = 3):
+        torch.manual_seed(0)
+        x = torch.randn(24, 4)
+        self.loader = make_loader(TensorDataset(x, x @ torch.arange(4.0)), 8, CPU, seed=0)
+        self.model = nn.Linear(4, 1)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        self.epochs = epochs
+        self.lrs = cosine_schedule(0.3, 0.03, epochs * len(self.loader))
+        self.events, self.extra = [], 0
+
+    def loss(self, batch):
+        x, y = batch
+        loss = ((self.model(x)[:, 0] - y) ** 2).mean()
+        return loss, {"mse": loss}, x.shape[0]
+
+    def start_epoch(self, epoch):
+        self.events.append(("epoch", epoch))
+
+    def before_step(self, step):
+        self.events.append(("step", step))
+        assert all(p.grad is not None for p in self.model.parameters())  # after backward
+
+    def state(self):
+        return {"extra": self.extra + 1}
+
+    def load(self, state):
+        self.extra = state["extra"]
+
+
+def test_train_epochs_logs_checkpoints_and_calls_the_hooks(tmp_path):
+    trainer = ToyTrainer()
+    first = train_step(ToyTrainer(), next(iter(ToyTrainer().loader)), 0)[0].item()
+    model = train_epochs(trainer, tmp_path, CPU, {"seed": 0})
+    assert model is trainer.model
+    assert trainer.events[:2] == [("epoch", 0), ("step", 0)]
+    assert [e for e in trainer.events if e[0] == "epoch"] == [("epoch", e) for e in range(3)]
+    assert [e[1] for e in trainer.events if e[0] == "step"] == list(range(9))
+    log = [json.loads(line) for line in (tmp_path / "pretrain.jsonl").read_text().splitlines()]
+    assert [r["iter"] for r in log] == list(range(9)) and log[0]["lr"] == pytest.approx(0.3)
+    assert {"loss", "loss_mse", "img_s", "epoch", "stage"} <= set(log[0])
+    assert log[-1]["loss"] < first / 10  # it trained
+    state = torch.load(tmp_path / "pretrain.pt", weights_only=False)
+    assert state["done"] and state["epoch"] == 3 and state["extra"] == 1
+
+
+class Crash(Exception):
+    pass
+
+
+def test_train_epochs_resumes_to_the_uninterrupted_result(tmp_path):
+    full = train_epochs(ToyTrainer(), tmp_path / "a", CPU, {}).state_dict()
+    crashing = ToyTrainer()
+
+    def crash(step):  # killed in the second epoch, after the first one's checkpoint
+        if step == 4:
+            raise Crash
+
+    crashing.before_step = crash
+    with pytest.raises(Crash):
+        train_epochs(crashing, tmp_path / "b", CPU, {})
+    saved = torch.load(tmp_path / "b" / "pretrain.pt", weights_only=False)
+    assert saved["epoch"] == 1 and not saved["done"]
+    resumed = ToyTrainer()
+    model = train_epochs(resumed, tmp_path / "b", CPU, {})
+    assert [e for e in resumed.events if e[0] == "epoch"] == [("epoch", 1), ("epoch", 2)]
+    assert resumed.extra == 1  # load() got what state() saved
+    for k, v in full.items():
+        torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)

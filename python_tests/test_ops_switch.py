@@ -256,7 +256,7 @@ def _pretrain_batch(batch: int = 4):
 
 
 def _pretrain_loss_and_grads(model, batch):
-    from lusscore.stages.pretrain import add_p2p, pass_losses
+    from lusscore.losses.pass_loss import add_p2p, pass_losses
     pcfg = load_config("demo")["pretrain"]
     weights = {"swav": 0.5, "d2s": 0.5, "p2p": 1.0}
     bs = batch.images[0].shape[0]
@@ -270,7 +270,7 @@ def _pretrain_loss_and_grads(model, batch):
 
 
 def test_pretrain_step_fused_and_reference_agree():
-    from lusscore.stages.pretrain import PASSPretrainModel
+    from lusscore.models.pass_models import PASSPretrainModel
     torch.manual_seed(0)
     fused_model = PASSPretrainModel(TINY_MODEL, {"swav": 0.5, "d2s": 0.5, "p2p": 1.0})
     ref_model = copy.deepcopy(fused_model)
@@ -313,7 +313,7 @@ def test_attention_step_fused_and_reference_agree():
 def test_stage_command_start_applies_the_key(tmp_path):
     from lusscore.stages.common import start_run
     args = Namespace(run_dir=str(tmp_path), config="demo", set=["ops=reference"], device="cpu")
-    cfg, _, _ = start_run(args)
+    cfg = start_run(args).cfg
     try:
         assert cfg["ops"] == "reference" and ops.ops_mode() == "reference"
     finally:

@@ -14,6 +14,7 @@ from lusscore.data.synthetic import SynthConfig, generate_dataset
 from lusscore.engine import Runtime, setup_runtime
 from lusscore.metrics import SegEvaluator
 from lusscore.stages import run as run_stage
+from lusscore.stages.common import StageContext
 
 TINY = ["model.width=8", "pretrain.epochs=2", "pretrain.batch_size=8", "pretrain.crops.sizes=[48, 24]",
         "pretrain.queue_length=16", "pretrain.freeze_prototypes_iters=2",
@@ -41,7 +42,7 @@ def tiny_cfg(root):
 def finished_run(tiny_root, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     torch.manual_seed(0)
-    result = run_stage.run_pipeline(tiny_cfg(tiny_root), run, Runtime(torch.device("cpu")))
+    result = run_stage.run_pipeline(StageContext(tiny_cfg(tiny_root), run, Runtime(torch.device("cpu"))))
     return run, result
 
 
@@ -80,7 +81,7 @@ def test_rerun_skips_completed_stages(finished_run, tiny_root, monkeypatch):
     monkeypatch.setattr("lusscore.stages.attention.train_attention", fail)
     monkeypatch.setattr("lusscore.stages.cluster.run_cluster", fail)
     monkeypatch.setattr("lusscore.stages.finetune.train_segmentation", fail)
-    again = run_stage.run_pipeline(tiny_cfg(tiny_root), run, Runtime(torch.device("cpu")))
+    again = run_stage.run_pipeline(StageContext(tiny_cfg(tiny_root), run, Runtime(torch.device("cpu"))))
     assert again["mIoU"] == pytest.approx(result["mIoU"])
 
 
@@ -97,6 +98,48 @@ def test_sweep_equals_single_threshold_labelling(finished_run, tiny_root):
             att = torch.from_numpy(np.load((run / "labels" / "validation" / s.name).with_suffix(".npy")))
             ev.update(apply_tau(raw, att, row["tau"]), read_label_png(s.label))
         assert ev.compute("hungarian")["mIoU"] == pytest.approx(row["mIoU"], abs=1e-6)
+
+
+def test_label_run_dir_reads_the_swept_tau_and_reproduces_the_train_labels(finished_run, tmp_path,
+                                                                          capsys):
+    import shutil
+    import yaml
+    from lusscore import cli
+    source, _ = finished_run
+    sweep = json.loads((source / "sweep_tau.json").read_text())
+    assert sweep["best_tau"] != load_config("demo")["label"]["tau"]  # else this proves nothing
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    assert yaml.safe_load((run / "config.yaml").read_text())["label"]["tau"] == sweep["best_tau"]
+    shutil.rmtree(run / "labels" / "train")
+    assert cli.main(["label", "--run-dir", str(run), "--split", "train", "--device", "cpu"]) == 0
+    assert f"tau {sweep['best_tau']:.3f}" in capsys.readouterr().out
+    made = sorted(p.relative_to(run).as_posix() for p in (run / "labels" / "train").rglob("*.png"))
+    want = sorted(p.relative_to(source).as_posix() for p in (source / "labels" / "train").rglob("*.png"))
+    assert made == want and made
+    for name in made:
+        assert (read_label_png(run / name) == read_label_png(source / name)).all(), name
+    assert cli.main(["label", "--run-dir", str(run), "--data", "x"]) == 2
+    assert "drop --data" in capsys.readouterr().err
+    assert cli.main(["label", "--split", "train"]) == 2
+    assert "give --data, --checkpoint, --centroids, --out" in capsys.readouterr().err
+
+
+def test_rerun_keeps_the_swept_tau_in_the_run_config(finished_run, tmp_path, tiny_root):
+    """`luss run` saves the config it was given; the sweep, skipped as complete, writes its tau
+    back, so config.yaml never holds a tau the labels were not made with."""
+    import shutil
+    import yaml
+    from lusscore import cli
+    from lusscore.config import save_config
+    source, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    given = tmp_path / "given.yaml"
+    save_config(given, tiny_cfg(tiny_root))
+    assert cli.main(["run", str(given), "--run-dir", str(run), "--device", "cpu"]) == 0
+    best = json.loads((run / "sweep_tau.json").read_text())["best_tau"]
+    assert yaml.safe_load((run / "config.yaml").read_text())["label"]["tau"] == best
 
 
 def _free_port():
@@ -116,12 +159,13 @@ def _ddp_worker(rank, world, port, root, run, section, out):
     ds = ImageNetS(root)
     train = ds.image_samples("train")
     if section == "pretrain":
-        model = pretrain(cfg, run, rt, train)
+        model = pretrain(StageContext(cfg, run, rt), train)
         out[rank] = {k: v.detach() for k, v in model.named_parameters()}  # P2P and D2S too
     else:
         images = {p.relative_to(ds.split_dir("train")).with_suffix("").as_posix(): p for p, _ in train}
         pairs = label_pairs(root / "train-segmentation", images)
-        model = train_segmentation(cfg, "finetune", pairs, run, rt, build_segmentation_model(cfg, run, "none"))
+        ctx = StageContext(cfg, run, rt)
+        model = train_segmentation(ctx, "finetune", pairs, build_segmentation_model(ctx, "none"))
         out[rank] = {k: v.detach() for k, v in model.named_parameters()}
     torch.distributed.destroy_process_group()
 
@@ -144,7 +188,7 @@ def test_pretrain_resume_after_crash_matches_uninterrupted(tiny_root, tmp_path, 
     train = ImageNetS(tiny_root).image_samples("train")
     rt = Runtime(torch.device("cpu"))
     torch.manual_seed(1)
-    full = pretrain(cfg, tmp_path / "a", rt, train).state_dict()
+    full = pretrain(StageContext(cfg, tmp_path / "a", rt), train).state_dict()
 
     original = StageCheckpoint.save
 
@@ -155,12 +199,12 @@ def test_pretrain_resume_after_crash_matches_uninterrupted(tiny_root, tmp_path, 
     monkeypatch.setattr(StageCheckpoint, "save", save_then_crash)
     torch.manual_seed(1)
     with pytest.raises(KeyboardInterrupt):
-        pretrain(cfg, tmp_path / "b", rt, train)
+        pretrain(StageContext(cfg, tmp_path / "b", rt), train)
     monkeypatch.setattr(StageCheckpoint, "save", original)
     state = torch.load(tmp_path / "b" / "pretrain.pt", weights_only=True)
     assert state["epoch"] == 1 and state["queue"] is not None
     torch.manual_seed(123)  # the checkpoint's RNG state must win over the caller's
-    resumed = pretrain(cfg, tmp_path / "b", rt, train).state_dict()
+    resumed = pretrain(StageContext(cfg, tmp_path / "b", rt), train).state_dict()
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
 

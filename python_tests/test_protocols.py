@@ -22,6 +22,8 @@ from lusscore.engine import Runtime, StageCheckpoint, setup_runtime
 from lusscore.models.backbone import resnet_backbone
 from lusscore.stages import distance_match as dm
 from lusscore.stages import run as run_stage
+from lusscore.stages.common import StageContext
+from lusscore.stages.evaluate import evaluate_predictions
 from lusscore.stages import semi
 from lusscore.utils import LusscoreError
 
@@ -211,16 +213,16 @@ def test_knn_bad_input():
 
 def _train_semi(cfg, run):
     torch.manual_seed(0)
-    return semi.train_semi(cfg, run, CPU)
+    return semi.train_semi(StageContext(cfg, run, CPU))
 
 
 @torch.no_grad()
 def semi_set_loss(model, cfg):
     """Cross-entropy (ignore 1000) of the model on the whole train-semi images (no crops)."""
-    from lusscore.stages.label import load_image_tensor
+    from lusscore.data.transforms import load_image_tensor
     model.eval()
     losses = []
-    for image, label in semi.semi_pairs(cfg):
+    for image, label in semi.semi_pairs(StageContext(cfg, '.', CPU)):
         logits = model(load_image_tensor(image, 48)[None])
         gt = torch.from_numpy(read_label_png(label))
         logits = F.interpolate(logits, size=gt.shape, mode="bilinear", align_corners=False)
@@ -235,7 +237,7 @@ def test_semi_loss_decreases_and_resume_matches_uninterrupted(tmp_path, tiny_roo
     for run in (run_a, run_b):
         fake_pretrain(cfg, run)
     torch.manual_seed(0)  # the initial model of _train_semi
-    before = semi_set_loss(build_segmentation_model(cfg, run_a, "pretrain", "semi"), cfg)
+    before = semi_set_loss(build_segmentation_model(StageContext(cfg, run_a, CPU), "pretrain", "semi"), cfg)
     model = _train_semi(cfg, run_a)
     full = model.state_dict()
     after = semi_set_loss(model, cfg)
@@ -279,10 +281,10 @@ def test_evaluation_without_matching(tmp_path, tiny_root):
     cfg = tiny_cfg(tiny_root)
     run = tmp_path / "run"
     _copy_predictions(tiny_root, run / "predictions" / "validation")
-    unsup = run_stage.evaluate_predictions(cfg, run, CPU)  # the unsupervised writer (Hungarian)
+    unsup = evaluate_predictions(StageContext(cfg, run, CPU))  # the unsupervised writer (Hungarian)
     perfect = run / "semi" / "predictions" / "validation"
     _copy_predictions(tiny_root, perfect)
-    result = run_stage.evaluate_predictions(cfg, run, CPU, pred_dir=perfect, out_dir=run / "semi",
+    result = evaluate_predictions(StageContext(cfg, run, CPU), pred_dir=perfect, out_dir=run / "semi",
                                             match="none")
     assert result["mIoU"] == pytest.approx(100.0) and result["match"] is None
     written = json.loads((run / "semi" / "metrics.json").read_text())
@@ -292,10 +294,10 @@ def test_evaluation_without_matching(tmp_path, tiny_root):
 
     swapped = run / "distance_match" / "predictions" / "validation"
     _copy_predictions(tiny_root, swapped, permute=[0, 2, 3, 1])
-    result = run_stage.evaluate_predictions(cfg, run, CPU, pred_dir=swapped,
+    result = evaluate_predictions(StageContext(cfg, run, CPU), pred_dir=swapped,
                                             out_dir=run / "distance_match", match="none")
     assert result["mIoU"] < 50
-    result = run_stage.evaluate_predictions(cfg, run, CPU, pred_dir=swapped,
+    result = evaluate_predictions(StageContext(cfg, run, CPU), pred_dir=swapped,
                                             out_dir=run / "distance_match", match="hungarian")
     assert result["mIoU"] == pytest.approx(100.0)
     assert json.loads((run / "distance_match" / "match.json").read_text()) == {"0": 0, "1": 3, "2": 1, "3": 2}
@@ -309,7 +311,7 @@ def test_distance_match_writes_outputs_and_resumes(tmp_path, tiny_root, monkeypa
     cfg = tiny_cfg(tiny_root)
     run = tmp_path / "run"
     fake_pretrain(cfg, run)
-    result = dm.run_distance_match(cfg, run, CPU)
+    result = dm.run_distance_match(StageContext(cfg, run, CPU))
     bank = torch.load(run / "distance_match" / "bank.pt", weights_only=True)
     semi_images = ImageNetS(tiny_root).segmentation_samples("train-semi")
     assert bank["vectors"].shape[1] == 8 * 8 and set(bank["images"].tolist()) == set(range(len(semi_images)))
@@ -326,12 +328,12 @@ def test_distance_match_writes_outputs_and_resumes(tmp_path, tiny_root, monkeypa
         raise AssertionError("the bank was rebuilt")
 
     monkeypatch.setattr(dm, "build_bank", fail)
-    backbone = dm.load_pretrain_backbone(cfg, run, CPU)
-    bank = dm.load_or_build_bank(cfg, run, CPU)
+    backbone = dm.load_pretrain_backbone(StageContext(cfg, run, CPU))
+    bank = dm.load_or_build_bank(StageContext(cfg, run, CPU))
     assert dm.predict_knn(backbone, bank, samples, out, cfg, CPU, progress=False) == 0
     (out / samples[0].name).write_bytes(b"torn")
     assert dm.predict_knn(backbone, bank, samples, out, cfg, CPU, progress=False) == 1
-    again = dm.run_distance_match(cfg, run, CPU)
+    again = dm.run_distance_match(StageContext(cfg, run, CPU))
     assert again["mIoU"] == pytest.approx(result["mIoU"])
 
 
@@ -346,7 +348,7 @@ def _ddp_bank_worker(rank, world, port, root, run):
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     rt = setup_runtime("cpu")
-    dm.run_distance_match(tiny_cfg(root), run, rt)
+    dm.run_distance_match(StageContext(tiny_cfg(root), run, rt))
     torch.distributed.destroy_process_group()
 
 
@@ -355,7 +357,7 @@ def test_two_process_bank_equals_single_process(tmp_path, tiny_root):
     one, two = tmp_path / "one", tmp_path / "two"
     for run in (one, two):
         fake_pretrain(cfg, run)
-    dm.run_distance_match(cfg, one, CPU)
+    dm.run_distance_match(StageContext(cfg, one, CPU))
     mp.spawn(_ddp_bank_worker, args=(2, _free_port(), tiny_root, two), nprocs=2)
     a = torch.load(one / "distance_match" / "bank.pt", weights_only=True)
     b = torch.load(two / "distance_match" / "bank.pt", weights_only=True)
@@ -373,7 +375,7 @@ def test_two_process_bank_equals_single_process(tmp_path, tiny_root):
 def test_run_pipeline_runs_protocols_and_skips_completed(tmp_path, tiny_root, monkeypatch, capsys):
     cfg = tiny_cfg(tiny_root, "protocols=[semi, distance_match]")
     run = tmp_path / "run"
-    first = run_stage.run_pipeline(cfg, run, CPU)
+    first = run_stage.run_pipeline(StageContext(cfg, run, CPU))
     for name in ("pretrain.pt", "semi.pt", "semi.jsonl", "semi/metrics.json", "distance_match/bank.pt",
                  "distance_match/metrics.json", "protocols.json"):
         assert (run / name).is_file(), name
@@ -390,7 +392,7 @@ def test_run_pipeline_runs_protocols_and_skips_completed(tmp_path, tiny_root, mo
 
     monkeypatch.setattr(semi, "run_semi", fail)
     monkeypatch.setattr(dm, "run_distance_match", fail)
-    run_stage.run_pipeline(cfg, run, CPU)
+    run_stage.run_pipeline(StageContext(cfg, run, CPU))
     assert json.loads((run / "protocols.json").read_text()) == summary
 
     monkeypatch.undo()
@@ -406,15 +408,15 @@ def test_errors(tmp_path, tiny_root):
     cfg = tiny_cfg(tiny_root)
     run = tmp_path / "run"
     with pytest.raises(LusscoreError, match="pretrain.pt not found"):
-        dm.run_distance_match(cfg, run, CPU)
+        dm.run_distance_match(StageContext(cfg, run, CPU))
     with pytest.raises(LusscoreError, match="pretrain.pt not found.*semi.init=none"):
-        semi.train_semi(cfg, run, CPU)
+        semi.train_semi(StageContext(cfg, run, CPU))
     fake_pretrain(cfg, run, done=False)
     with pytest.raises(LusscoreError, match="not complete"):
-        dm.run_distance_match(cfg, run, CPU)
+        dm.run_distance_match(StageContext(cfg, run, CPU))
     fake_pretrain(cfg, run)
     with pytest.raises(LusscoreError, match="must divide"):
-        dm.run_distance_match(tiny_cfg(tiny_root, "distance_match.stride=3"), run, CPU)
+        dm.run_distance_match(StageContext(tiny_cfg(tiny_root, "distance_match.stride=3"), run, CPU))
     with pytest.raises(LusscoreError, match="temperature"):
         dm.settings(tiny_cfg(tiny_root, "distance_match.temperature=0"))
     with pytest.raises(LusscoreError, match="'none' or 'hungarian'"):
@@ -427,6 +429,6 @@ def test_errors(tmp_path, tiny_root):
     assert not (bare / "train-semi").exists()
     cfg = tiny_cfg(bare)
     with pytest.raises(LusscoreError, match="no train-semi images"):
-        dm.run_distance_match(cfg, run, CPU)
+        dm.run_distance_match(StageContext(cfg, run, CPU))
     with pytest.raises(LusscoreError, match="no train-semi images"):
-        semi.train_semi(cfg, run, CPU)
+        semi.train_semi(StageContext(cfg, run, CPU))

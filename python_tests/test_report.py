@@ -16,7 +16,7 @@ from lusscore.data import ImageNetS, read_label_png, write_label_png
 from lusscore.data.synthetic import SynthConfig, generate_dataset
 from lusscore.engine import Runtime
 from lusscore.report import PROTOCOLS, read_jsonl, save_picture, smooth, write_report
-from lusscore.stages.layout import protocol_dir
+from lusscore.stages.layout import RunDir
 from lusscore.utils import LusscoreError
 
 CLASSES = 3
@@ -48,7 +48,8 @@ def _losses(stage: str, iters: int, components: bool) -> list[dict]:
 def make_run(tmp_path: Path, root: Path, name: str = "tiny") -> Path:
     """A finished run built by hand on the tiny dataset: predictions are the GT with permuted
     ids (so the Hungarian match is non-trivial), scored by the pipeline's own evaluate step."""
-    from lusscore.stages.run import evaluate_predictions
+    from lusscore.stages.common import StageContext
+    from lusscore.stages.evaluate import evaluate_predictions
 
     run = tmp_path / "run"
     cfg = {"name": name, "seed": 0, "data": {"root": str(root), "num_classes": CLASSES},
@@ -66,7 +67,7 @@ def make_run(tmp_path: Path, root: Path, name: str = "tiny") -> Path:
         write_label_png(run / "labels" / "validation" / s.name, perm[np.where(gt == 1000, 0, gt)])
         att = rng.random((gt.shape[0] // 8, gt.shape[1] // 8)).astype(np.float32)
         np.save((run / "labels" / "validation" / s.name).with_suffix(".npy"), att)
-    evaluate_predictions(cfg, run, Runtime(torch.device("cpu")))
+    evaluate_predictions(StageContext(cfg, run, Runtime(torch.device("cpu"))))
     sweep = {"best_tau": 0.4, "best": {"mIoU": 55.5, "mBIoU": 40.1, "Acc": 70.0, "FMeasure": 60.2},
              "table": [{"tau": 0.3, "mIoU": 50.0, "FMeasure": 58.0},
                        {"tau": 0.4, "mIoU": 55.5, "FMeasure": 60.2},
@@ -86,7 +87,7 @@ def add_protocol(run: Path, key: str, miou: float) -> None:
     metrics = json.loads((run / "metrics.json").read_text())
     metrics["mIoU"] = miou
     metrics["match"] = None  # these protocols predict GT ids directly
-    folder = protocol_dir(run, p.key)
+    folder = RunDir(run).protocol_dir(p.key)
     folder.mkdir(parents=True, exist_ok=True)
     (p.metrics_path(run)).write_text(json.dumps(metrics))
     shutil.copytree(run / "predictions", folder / "predictions")
@@ -286,6 +287,7 @@ def test_report_of_a_real_tiny_pipeline_run(tmp_path):
     from test_pipeline import tiny_cfg
 
     from lusscore.config import save_config
+    from lusscore.stages.common import StageContext
     from lusscore.stages.run import run_pipeline
 
     root = tmp_path / "data"
@@ -297,7 +299,7 @@ def test_report_of_a_real_tiny_pipeline_run(tmp_path):
     run = tmp_path / "run"
     save_config(run / "config.yaml", cfg)
     torch.manual_seed(0)
-    result = run_pipeline(cfg, run, Runtime(torch.device("cpu")))
+    result = run_pipeline(StageContext(cfg, run, Runtime(torch.device("cpu"))))
     page = write_report(run, rows=3).read_text()
     assert f"{result['mIoU']:.2f}" in page
     sweep = json.loads((run / "sweep_tau.json").read_text())

@@ -16,8 +16,8 @@ from lusscore.cli import main as luss
 from lusscore.data import read_label_png, write_label_png
 from lusscore.matching import cooccurrence, cost_matrix, load_match, match_to_json
 from lusscore.metrics import KEYS, SegEvaluator, ThresholdSweep
-from lusscore.ops.seg_metrics import band_dilation, munkres_assign, new_accumulators, \
-    seg_metrics_update_
+from lusscore.ops.munkres import munkres_assign
+from lusscore.ops.seg_metrics import band_dilation, new_accumulators, seg_metrics_update_
 from lusscore.reference import seg_metrics as ref
 from lusscore.stages.evaluate import evaluate
 from lusscore.utils import LusscoreError

@@ -10,6 +10,7 @@ from lusscore.data.synthetic import SynthConfig, generate_dataset
 from lusscore.engine import Runtime, StageCheckpoint
 from lusscore.stages import finetune as ft
 from lusscore.stages import infer
+from lusscore.stages.common import StageContext
 
 TINY = ["model.width=8", "finetune.batch_size=8", "finetune.crop=32", "finetune.label_size=16",
         "finetune.epochs=2", "finetune.init=none", "infer.resize=32"]
@@ -36,8 +37,9 @@ def train(cfg, run):
               for p, _ in ds.image_samples("train")}
     pairs = ft.label_pairs(run / "labels" / "train", images)
     torch.manual_seed(0)
-    model = ft.build_segmentation_model(cfg, run, "none")
-    return ft.train_segmentation(cfg, "finetune", pairs, run, Runtime(torch.device("cpu")), model)
+    ctx = StageContext(cfg, run, Runtime(torch.device("cpu")))
+    model = ft.build_segmentation_model(ctx, "none")
+    return ft.train_segmentation(ctx, "finetune", pairs, model)
 
 
 def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_data, monkeypatch):
@@ -83,6 +85,6 @@ def test_infer_writes_valid_predictions_and_resumes(tmp_path, tiny_data):
 def test_finetune_errors(tmp_path, tiny_data):
     cfg, run = tiny_run(tmp_path, tiny_data)
     with pytest.raises(Exception, match="pretrain.pt not found"):
-        ft.build_segmentation_model(cfg, run, "pretrain")
+        ft.build_segmentation_model(StageContext(cfg, run, Runtime(torch.device("cpu"))), "pretrain")
     with pytest.raises(Exception, match="no label PNGs"):
         ft.label_pairs(tmp_path / "empty", {})

@@ -28,8 +28,10 @@ from lusscore.data.synthetic import SynthConfig, generate_dataset
 from lusscore.engine import Runtime
 from lusscore.stages import distance_match as dm
 from lusscore.stages import run as run_stage
+from lusscore.stages.common import StageContext
+from lusscore.stages.evaluate import evaluate_predictions
 from lusscore.stages import semi
-from lusscore.stages.finetune import SegmentationModel
+from lusscore.models.pass_models import SegmentationModel
 from lusscore.utils import LusscoreError
 
 CPU = Runtime(torch.device("cpu"))
@@ -118,7 +120,7 @@ def runs(roots, tmp_path_factory):
         capture = io.StringIO()
         with contextlib.redirect_stdout(capture):
             torch.manual_seed(0)
-            result = run_stage.run_pipeline(tiny_cfg(root), run, CPU)
+            result = run_stage.run_pipeline(StageContext(tiny_cfg(root), run, CPU))
         out[key] = (run, result, capture.getvalue())
     return out
 
@@ -217,9 +219,9 @@ def test_rerun_skips_scored_splits_and_redoes_a_missing_one(runs, roots, tmp_pat
     calls = []
     original = semi.run_semi
 
-    def record(cfg, run_dir, rt, split):
+    def record(ctx, split):
         calls.append(split)
-        return original(cfg, run_dir, rt, split)
+        return original(ctx, split)
 
     def fail(*args, **kwargs):
         raise AssertionError("a scored split or a trained stage ran again")
@@ -228,7 +230,7 @@ def test_rerun_skips_scored_splits_and_redoes_a_missing_one(runs, roots, tmp_pat
     monkeypatch.setattr(dm, "run_distance_match", fail)
     monkeypatch.setattr("lusscore.stages.finetune.train_segmentation", fail)
     torch.manual_seed(0)
-    run_stage.run_pipeline(cfg, run, CPU)
+    run_stage.run_pipeline(StageContext(cfg, run, CPU))
     assert calls == ["test"]
     assert json.loads((run / "semi" / "test" / "metrics.json").read_text())["mIoU"] == pytest.approx(
         json.loads((source / "semi" / "test" / "metrics.json").read_text())["mIoU"])
@@ -270,8 +272,8 @@ def test_test_reuses_the_validation_match(roots, tmp_path, capsys):
     test = json.loads((run / "test" / "metrics.json").read_text())
     assert {str(k): v for k, v in test["match"].items()} == match
     assert test["mIoU"] < 50  # a re-match on test would have scored 100:
-    rematched = run_stage.evaluate_predictions(cfg, run, CPU, pred_dir=run / "predictions" / "test",
-                                               out_dir=tmp_path / "rematch", split="test")
+    rematched = evaluate_predictions(StageContext(cfg, run, CPU), pred_dir=run / "predictions" / "test",
+                                     out_dir=tmp_path / "rematch", split="test")
     assert rematched["mIoU"] == pytest.approx(100.0)
     assert json.loads((run / "match.json").read_text()) == match  # validation's match untouched
 

@@ -246,6 +246,19 @@ class ImageNetS:
             raise FileNotFoundError(f"names file not found: {names_file}")
         return [SegmentationSample(img_dir / i, seg_dir / l, l) for i, l in pairs]
 
+    def train_semi_samples(self) -> list[SegmentationSample]:
+        """The pixel-annotated train-semi pairs that the semi-supervised and distance-matching
+        protocols learn from; an error naming what is missing when there are none."""
+        try:
+            samples = self.segmentation_samples("train-semi")
+        except FileNotFoundError:
+            samples = []
+        if not samples:
+            raise LusscoreError(f"{self.root}: no train-semi images (train-semi/ with "
+                                "train-semi-segmentation/ label PNGs); the semi-supervised and "
+                                "distance-matching protocols need them")
+        return samples
+
     def prediction_samples(self, split: str) -> list[ImageSample] | list[SegmentationSample]:
         """What to predict for a split: its image/label pairs when it has GT, else its images."""
         return self.segmentation_samples(split) if self.has_labels(split) else self.split_images(split)

@@ -11,14 +11,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from lusscore.data.label_io import read_image, read_label_png
-from lusscore.data.views import IMAGENET_MEAN, IMAGENET_STD
-
-
-
-def to_normalized_tensor(img, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    t = TF.to_dtype(TF.pil_to_tensor(img) if not isinstance(img, torch.Tensor) else img,
-                    torch.float32, scale=True)
-    return TF.normalize(t, mean=list(mean), std=list(std))
+from lusscore.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_normalized_tensor
 
 
 class LabeledImages(Dataset):

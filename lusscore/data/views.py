@@ -23,8 +23,8 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from lusscore.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+
 REFERENCE_STD = (0.228, 0.224, 0.225)  # the reference code's pretrain std (quirk)
 
 

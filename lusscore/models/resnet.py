@@ -68,3 +68,9 @@ class ResNetTrunk(tv.ResNet):
         stage4 = self.layer4(stage3)
         return stage4 if self.stage4_only else {"stage3": stage3, "stage4": stage4}
 
+
+
+def build_trunk(model_cfg: dict, stage4_only: bool = False) -> ResNetTrunk:
+    """The run's backbone from its config's `model` section (arch, width, output_stride)."""
+    return ResNetTrunk(model_cfg["arch"], width=model_cfg["width"],
+                       output_stride=model_cfg["output_stride"], stage4_only=stage4_only)

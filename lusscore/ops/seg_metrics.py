@@ -33,12 +33,6 @@ def _seg_metrics_update_fake(pred, gt, num_classes, ignore_index, boundary_ratio
     return None
 
 
-@torch.library.register_fake("lusscore::munkres_assign")
-def _munkres_assign_fake(cost):
-    torch._check(cost.dim() == 2, lambda: "cost must be 2-D")
-    return cost.new_empty((cost.shape[0],), dtype=torch.int64)
-
-
 def new_accumulators(num_classes: int, rows: int | None = None, batch: int = 1,
                      device="cpu") -> dict[str, torch.Tensor]:
     """Zeroed accumulators for `seg_metrics_update_` (rows: R, at least num_classes + 1)."""
@@ -83,11 +77,6 @@ def _reference_update_(pred, gt, num_classes, ignore_index, boundary_ratio, pred
         boundary_conf += want["boundary_conf"].to(boundary_conf.device)
         pred_stats.view(-1, *want["pred_stats"].shape)[b].copy_(want["pred_stats"])
         gt_hist.view(-1, *want["gt_hist"].shape)[b].copy_(want["gt_hist"])
-
-
-def munkres_assign(cost: torch.Tensor) -> torch.Tensor:
-    """Column assigned to each row by Munkres 1.1.4 (minimum cost; -1 for padded rows)."""
-    return torch.ops.lusscore.munkres_assign(cost.cpu())
 
 
 def band_dilation(height: int, width: int, boundary_ratio: float = 0.03) -> int:

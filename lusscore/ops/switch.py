@@ -77,10 +77,12 @@ def apply_ops_config(cfg: dict) -> str:
 
 
 def ops_from_config(fn):
-    """Decorator for a stage function whose first argument is the run config: it runs in the
-    config's `ops` mode, and the previous mode is restored when it returns or raises."""
+    """Decorator for a stage function whose first argument is the run config or a stage
+    context holding it (`.cfg`): it runs in the config's `ops` mode, and the previous mode is
+    restored when it returns or raises."""
     @functools.wraps(fn)
-    def wrapper(cfg, *args, **kwargs):
+    def wrapper(first, *args, **kwargs):
+        cfg = getattr(first, "cfg", first)
         with use_reference(config_ops_mode(cfg) == "reference"):
-            return fn(cfg, *args, **kwargs)
+            return fn(first, *args, **kwargs)
     return wrapper

@@ -8,25 +8,10 @@ unnormalised map: the reference code's clustering, DESIGN.md section 6, the defa
 """
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
-from lusscore.data import read_image
-from lusscore.data.views import IMAGENET_MEAN, IMAGENET_STD
-from lusscore.stages.label import resized_size
-
-
-def load_center_crop(path, resize: int = 256, crop: int = 224) -> torch.Tensor:
-    """(3, crop, crop) float, ImageNet-normalised: shorter side to `resize`, centre crop."""
-    img = read_image(path)
-    h, w = resized_size(img.height, img.width, resize)
-    img = img.resize((w, h), Image.BILINEAR)
-    top, left = int(round((h - crop) / 2.0)), int(round((w - crop) / 2.0))
-    img = img.crop((left, top, left + crop, top + crop))
-    t = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-    return (t - torch.tensor(IMAGENET_MEAN).view(3, 1, 1)) / torch.tensor(IMAGENET_STD).view(3, 1, 1)
+from lusscore.data.transforms import load_center_crop
 
 
 class _CropSet(torch.utils.data.Dataset):

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 
-from lusscore.baselines import MATCHES, compute_baselines, format_floors, write_baselines
+from lusscore.baselines import MATCHES, compute_baselines, format_floors, read_baselines, write_baselines
+from lusscore.stages.evaluate import eval_device, scored_splits
 from lusscore.utils import LusscoreError
 
 
@@ -47,3 +48,21 @@ def main(args) -> int:
     print(format_floors(result))
     print(f"wrote {args.out}")
     return 0
+
+
+def baselines_step(ctx) -> dict:
+    """`luss run`'s floors of every scored split, {split: baselines} on the main process ({}
+    elsewhere): computed once into <run>/baselines.json and <run>/test/baselines.json."""
+    floors = {}
+    if ctx.rt.is_main:
+        for split in scored_splits(ctx.dataset):
+            path = ctx.run.baselines(split)
+            if path.is_file():
+                floors[split] = read_baselines(path)
+                continue
+            ctx.log(f"baselines: trivial floors on {split}")
+            floors[split] = compute_baselines(ctx.dataset, split, seed=ctx.seed,
+                                              device=eval_device(ctx.rt))
+            write_baselines(path, floors[split])
+    ctx.rt.barrier()
+    return floors

@@ -1,23 +1,77 @@
-"""Command-line plumbing shared by the stages: run folder, config, overrides, runtime."""
+"""What every stage is given: a StageContext (config, run folder, runtime, dataset), built
+once per command by `start_run`, and the command-line plumbing that builds it."""
 from __future__ import annotations
 
+import json
+import os
+import time
+from functools import cached_property
 from pathlib import Path
+
+import torch
 
 from lusscore.config import apply_overrides, load_config, save_config
 from lusscore.data import ImageNetS
-from lusscore.engine import Runtime, StageCheckpoint, seed_everything, setup_runtime
-from lusscore.ops.switch import apply_ops_config
-from lusscore.stages.layout import (  # noqa: F401  (the stages import the layout from here)
-    EVAL_SPLITS,
-    PROTOCOLS,
-    RUN_CONFIG,
-    baselines_path,
-    match_path,
-    predictions_dir,
-    protocol_dir,
-    protocol_metrics_path,
-)
-from lusscore.utils import LusscoreError
+from lusscore.engine import Runtime, seed_everything, setup_runtime
+from lusscore.ops.switch import apply_ops_config, ops_mode
+from lusscore.stages.layout import EVAL_SPLITS, PROTOCOLS, RunDir  # noqa: F401
+from lusscore.utils import LusscoreError, atomic_write_text
+
+
+class StageContext:
+    """One command's config, run folder (RunDir), runtime and dataset (opened on first use)."""
+
+    def __init__(self, cfg: dict, run_dir: str | os.PathLike | RunDir, rt: Runtime):
+        self.cfg, self.rt = cfg, rt
+        self.run = run_dir if isinstance(run_dir, RunDir) else RunDir(run_dir)
+
+    @cached_property
+    def dataset(self) -> ImageNetS:
+        return dataset_of(self.cfg)
+
+    @property
+    def seed(self) -> int:
+        return int(self.cfg["seed"])
+
+    def log(self, text: str) -> None:
+        """One progress line of `luss run` (main process only)."""
+        if self.rt.is_main:
+            print(f"[luss run] {text}", flush=True)
+
+
+class StageTimings:
+    """Wall seconds of each stage of one `luss run` (GPU work finished), printed and written
+    to <run>/timings.json after every stage with this process's peak GPU memory per stage;
+    a stage skipped as complete takes ~0 s."""
+
+    def __init__(self, ctx: StageContext):
+        self.path, self.rt, self.log = ctx.run.timings, ctx.rt, ctx.log
+        self.stages: dict[str, float] = {}
+        self.peak_bytes: dict[str, int] = {}
+        self.start = self.last = self._now()
+        if self.rt.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.rt.device)
+
+    def _now(self) -> float:
+        if self.rt.device.type == "cuda":
+            torch.cuda.synchronize(self.rt.device)
+        return time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        now = self._now()
+        self.stages[stage] = now - self.last
+        self.last = now
+        memory = ""
+        if self.rt.device.type == "cuda":
+            self.peak_bytes[stage] = torch.cuda.max_memory_allocated(self.rt.device)
+            torch.cuda.reset_peak_memory_stats(self.rt.device)
+            memory = f", peak GPU memory {self.peak_bytes[stage] / 2**30:.2f} GiB"
+        self.log(f"{stage}: {self.stages[stage]:.1f} s{memory}")
+        if self.rt.is_main:
+            atomic_write_text(self.path, json.dumps(
+                {"ops": ops_mode(), "device": str(self.rt.device), "world_size": self.rt.world_size,
+                 "stages_s": self.stages, "total_s": now - self.start,
+                 "peak_gpu_bytes": self.peak_bytes}, indent=1))
 
 
 def add_run_arguments(parser, config_required: bool = False) -> None:
@@ -31,41 +85,46 @@ def add_run_arguments(parser, config_required: bool = False) -> None:
 
 def resolve_config(run_dir: str | Path, config: str | None, overrides: list[str]) -> dict:
     """The run's config: --config (or the run's saved config.yaml) with --set applied."""
-    run_dir = Path(run_dir)
-    saved = run_dir / RUN_CONFIG
+    saved = RunDir(run_dir).config
     if config is None:
         if not saved.is_file():
-            raise LusscoreError(f"{run_dir}: no {RUN_CONFIG} yet; pass --config (e.g. --config demo)")
+            raise LusscoreError(f"{run_dir}: no {saved.name} yet; pass --config (e.g. --config demo)")
         config = saved
     return apply_overrides(load_config(config), overrides)
 
 
-def start_run(args) -> tuple[dict, Path, Runtime]:
-    cfg = resolve_config(args.run_dir, args.config, args.set)
-    run_dir = Path(args.run_dir)
-    rt = setup_runtime(args.device)
-    if rt.is_main:
-        save_config(run_dir / RUN_CONFIG, cfg)
-    seed_everything(int(cfg.get("seed", 0)), rt.rank)
-    apply_ops_config(cfg)  # fused kernels or their references, for this whole command
-    return cfg, run_dir, rt
+def open_run(args, cfg: dict | None = None) -> StageContext:
+    """The StageContext of a command: the resolved config (or cfg) saved into the run folder,
+    the runtime and the seeds."""
+    if cfg is None:
+        cfg = resolve_config(args.run_dir, args.config, args.set)
+    ctx = StageContext(cfg, args.run_dir, setup_runtime(args.device))
+    if ctx.rt.is_main:
+        save_config(ctx.run.config, cfg)
+    seed_everything(ctx.seed, ctx.rt.rank)
+    return ctx
+
+
+def start_run(args, cfg: dict | None = None) -> StageContext:
+    """open_run, and the config's ops mode (fused kernels or their references) set for the
+    rest of this stage command."""
+    ctx = open_run(args, cfg)
+    apply_ops_config(ctx.cfg)
+    return ctx
 
 
 def dataset_of(cfg: dict) -> ImageNetS:
-    root = cfg.get("data", {}).get("root")
+    root = cfg["data"]["root"]
     if not root:
         raise LusscoreError("the config has no data.root: set it with --set data.root=PATH")
-    return ImageNetS(root, num_classes=cfg["data"].get("num_classes"))
+    return ImageNetS(root, num_classes=cfg["data"]["num_classes"])
 
 
-def run_training_stage(args, stage: str, train) -> None:
-    """A training stage's command: skip it when <run>/<stage>.pt is complete, else
-    train(cfg, run_dir, rt) (which resumes from the last saved epoch)."""
-    cfg, run_dir, rt = start_run(args)
-    ck = StageCheckpoint(run_dir, stage, rt, cfg)
-    if ck.is_done():
-        print(f"{stage}: {ck.path} is complete")
+def train_stage(ctx: StageContext, stage: str, train) -> None:
+    """Run a training stage, train(ctx), unless its checkpoint is complete (a partial one is
+    resumed by the stage's training loop)."""
+    if ctx.run.stage_done(stage):
+        ctx.log(f"{stage}: complete ({ctx.run.checkpoint(stage)}), skipped")
         return
-    train(cfg, run_dir, rt)
-    if rt.is_main:
-        print(f"{stage}: wrote {ck.path}")
+    ctx.log(f"{stage}: {ctx.cfg[stage]['epochs']} epochs")
+    train(ctx)

@@ -7,15 +7,14 @@ run's report page (<out>/report/index.html, see `luss report`).
 """
 import json
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import lusscore
-from lusscore.config import apply_overrides, load_config, save_config
-from lusscore.data import ImageNetS
+from lusscore.config import apply_overrides, load_config
 from lusscore.data.synthetic import SynthConfig, generate_dataset
-from lusscore.engine import seed_everything, setup_runtime
 from lusscore.report import save_picture, write_report
-from lusscore.stages.common import RUN_CONFIG
+from lusscore.stages.common import open_run
 from lusscore.stages.run import run_pipeline
 from lusscore.stages.synth import print_summary
 
@@ -37,19 +36,17 @@ def main(args):
     summary = generate_dataset(data_root, SynthConfig(seed=args.seed), workers=args.workers)
     print_summary(data_root, summary)
     cfg = apply_overrides(load_config("demo"), [f"data.root={data_root}", f"seed={args.seed}"] + args.set)
-    rt = setup_runtime(args.device)
-    if rt.is_main:
-        save_config(out / RUN_CONFIG, cfg)
-    seed_everything(cfg["seed"], rt.rank)
-    result = run_pipeline(cfg, out, rt)
-    if rt.is_main:
-        sweep = json.loads((out / "sweep_tau.json").read_text())
+    ctx = open_run(Namespace(run_dir=out, device=args.device), cfg)
+    result = run_pipeline(ctx)
+    if ctx.rt.is_main:
+        run = ctx.run
+        sweep = json.loads(run.sweep.read_text())
         match = {int(k): int(v) for k, v in result["match"].items()}
-        predictions = [("prediction", out / "predictions" / "validation", match)]
-        save_picture(out, ImageNetS(data_root), predictions, sweep["best_tau"], out / "demo.png",
+        predictions = [("prediction", run.predictions("unsupervised", "validation"), match)]
+        save_picture(out, ctx.dataset, predictions, sweep["best_tau"], run.demo_picture,
                      pseudo_match=match)
         print(f"pseudo-label mIoU (validation, tau {sweep['best_tau']:.2f}): {sweep['best']['mIoU']:.2f}; "
               f"after fine-tuning: {result['mIoU']:.2f}")
-        print(f"demo finished in {(time.time() - start) / 60:.1f} min: metrics {out / 'metrics.json'}, "
-              f"picture {out / 'demo.png'}")
+        print(f"demo finished in {(time.time() - start) / 60:.1f} min: metrics "
+              f"{run.metrics('unsupervised')}, picture {run.demo_picture}")
         print(f"report: {write_report(out)}")

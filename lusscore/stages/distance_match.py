@@ -24,27 +24,24 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lusscore.checkpoint import load_checkpoint
 from lusscore.data.label_io import IGNORE_INDEX, image_size, read_label_png, write_label_png
+from lusscore.data.transforms import load_image_tensor, resized_size
 from lusscore.engine import Runtime, autocast
 from lusscore.ops.kmeans import kmeans_assign, kmeans_update
-from lusscore.stages.common import (add_run_arguments, dataset_of, predictions_dir,
-                                    protocol_metrics_path, start_run)
+from lusscore.models.pass_models import pretrained_trunk
+from lusscore.stages.common import StageContext, add_run_arguments, resolve_config, start_run
+from lusscore.stages.evaluate import DISTANCE_MATCH_MODES, evaluate_protocol, protocol_matches
 from lusscore.utils import LusscoreError, atomic_path
 
 FOLDER = "distance_match"
-DEFAULTS = {"k": 10, "temperature": 0.07, "stride": 8, "resize": 256, "batch_size": 32,
-            "match": "none", "chunk_elements": 1 << 25}
-
-
 def settings(cfg: dict) -> dict:
-    s = {**DEFAULTS, **(cfg.get(FOLDER) or {})}
+    """The config's distance_match section (defaults in configs/defaults.yaml), checked."""
+    s = cfg[FOLDER]
     if int(s["k"]) < 1:
         raise LusscoreError(f"distance_match.k must be >= 1, got {s['k']}")
     if not float(s["temperature"]) > 0:
         raise LusscoreError(f"distance_match.temperature must be > 0, got {s['temperature']}")
-    if s["match"] not in ("none", "hungarian"):
-        raise LusscoreError(f"distance_match.match must be 'none' or 'hungarian', not {s['match']!r}")
+    protocol_matches(cfg, FOLDER)  # checks distance_match.match
     return s
 
 
@@ -107,24 +104,14 @@ def knn_vote(x: torch.Tensor, bank: torch.Tensor, bank_labels: torch.Tensor, num
 # Features and the bank
 
 
-def load_pretrain_backbone(cfg: dict, run_dir: Path, rt: Runtime):
+def load_pretrain_backbone(ctx: StageContext):
     """The stage-4 ResNet trunk of <run>/pretrain.pt (which must be complete), in eval mode."""
-    from lusscore.models.backbone import resnet_backbone
-    path = Path(run_dir) / "pretrain.pt"
-    if not path.is_file():
-        raise LusscoreError(f"{path} not found: run `luss pretrain` first")
-    state = load_checkpoint(path)
-    if not state.get("done", False):
-        raise LusscoreError(f"{path} is not complete (epoch {state.get('epoch')} of "
-                            f"{cfg['pretrain']['epochs']}): finish `luss pretrain` first")
-    m = cfg["model"]
-    backbone = resnet_backbone(m["arch"], m.get("width", 64), m.get("output_stride", 32))
-    backbone.load_state_dict(state["backbone"])
-    return backbone.to(rt.device).eval()
+    trunk = pretrained_trunk(ctx.run.checkpoint("pretrain"), ctx.cfg["model"])
+    return trunk.to(ctx.rt.device).eval()
 
 
 def upsample_factor(cfg: dict, stride: int) -> int:
-    os_ = int(cfg["model"].get("output_stride", 32))
+    os_ = int(cfg["model"]["output_stride"])
     if stride < 1 or os_ % stride:
         raise LusscoreError(f"distance_match.stride must divide the backbone's output stride "
                             f"{os_}, got {stride}")
@@ -159,26 +146,13 @@ def region_means(features: torch.Tensor, label: torch.Tensor, ignore_index: int 
 
 
 def _same_size_batches(paths, resize: int, batch_size: int):
-    from lusscore.stages.label import resized_size, same_size_batches
+    from lusscore.stages.label import same_size_batches
     orig = [image_size(p) for p in paths]
     return orig, same_size_batches([resized_size(*hw, resize) for hw in orig], batch_size)
 
 
 def _load_batch(paths, idx, resize):
-    from lusscore.stages.label import load_image_tensor
     return torch.stack([load_image_tensor(paths[i], resize) for i in idx])
-
-
-def train_semi_samples(ds):
-    try:
-        samples = ds.segmentation_samples("train-semi")
-    except FileNotFoundError:
-        samples = []
-    if not samples:
-        raise LusscoreError(f"{ds.root}: no train-semi images (train-semi/ with "
-                            "train-semi-segmentation/ label PNGs); the semi-supervised and "
-                            "distance-matching protocols need them")
-    return samples
 
 
 def build_bank(backbone, samples, upsample: int, rt: Runtime, resize: int = 256,
@@ -219,12 +193,12 @@ def gather_bank(part: dict, rt: Runtime) -> dict:
     return {k: v[torch.from_numpy(order)] for k, v in bank.items()}
 
 
-def load_or_build_bank(cfg: dict, run_dir: Path, rt: Runtime, backbone=None) -> dict:
-    path = Path(run_dir) / FOLDER / "bank.pt"
+def load_or_build_bank(ctx: StageContext, backbone=None) -> dict:
+    cfg, rt, path = ctx.cfg, ctx.rt, ctx.run.distance_bank
     if not path.is_file():
         s = settings(cfg)
-        samples = train_semi_samples(dataset_of(cfg))
-        backbone = backbone or load_pretrain_backbone(cfg, run_dir, rt)
+        samples = ctx.dataset.train_semi_samples()
+        backbone = backbone or load_pretrain_backbone(ctx)
         part = build_bank(backbone, samples, upsample_factor(cfg, int(s["stride"])), rt,
                           resize=int(s["resize"]), batch_size=int(s["batch_size"]),
                           progress=rt.is_main)
@@ -275,27 +249,25 @@ def predict_knn(backbone, bank: dict, samples, out_dir: Path, cfg: dict, rt: Run
     return len(todo)
 
 
-def run_distance_match(cfg: dict, run_dir: Path, rt: Runtime, split: str = "validation") -> dict | None:
+def run_distance_match(ctx: StageContext, split: str = "validation") -> dict | None:
     """Build (or load) the bank, predict `split`; its metrics, or None without GT."""
-    from lusscore.stages.run import evaluate_protocol
-    run_dir = Path(run_dir)
-    settings(cfg)  # checked before any work
-    ds = dataset_of(cfg)
-    backbone = load_pretrain_backbone(cfg, run_dir, rt)
-    bank = load_or_build_bank(cfg, run_dir, rt, backbone)
-    if rt.is_main:
+    settings(ctx.cfg)  # checked before any work
+    ds = ctx.dataset
+    backbone = load_pretrain_backbone(ctx)
+    bank = load_or_build_bank(ctx, backbone)
+    if ctx.rt.is_main:
         print(f"[distance-match] bank: {bank['vectors'].shape[0]} regions of "
               f"{int(bank['images'].unique().numel())} train-semi images", flush=True)
-    predict_knn(backbone, bank, ds.prediction_samples(split), predictions_dir(run_dir, FOLDER, split),
-                cfg, rt, progress=rt.is_main)
+    predict_knn(backbone, bank, ds.prediction_samples(split), ctx.run.predictions(FOLDER, split),
+                ctx.cfg, ctx.rt, progress=ctx.rt.is_main)
     if not ds.has_labels(split):
         return None
-    return evaluate_protocol(cfg, run_dir, rt, FOLDER, split)
+    return evaluate_protocol(ctx, FOLDER, split)
 
 
 def add_arguments(parser):
     add_run_arguments(parser)
-    parser.add_argument("--match", default=None, choices=["none", "hungarian"],
+    parser.add_argument("--match", default=None, choices=list(DISTANCE_MATCH_MODES),
                         help="none (default: the votes are GT ids) or hungarian (re-match, as "
                              "the reference code does; test reuses validation's match)")
     parser.add_argument("--split", default="validation", choices=["validation", "test"],
@@ -303,14 +275,15 @@ def add_arguments(parser):
 
 
 def main(args):
-    cfg, run_dir, rt = start_run(args)
-    if args.match is not None:
+    cfg = resolve_config(args.run_dir, args.config, args.set)
+    if args.match is not None:  # saved with the run's config: test reuses the same choice
         cfg.setdefault(FOLDER, {})["match"] = args.match
-    result = run_distance_match(cfg, run_dir, rt, args.split)
-    if rt.is_main:
+    ctx = start_run(args, cfg)
+    result = run_distance_match(ctx, args.split)
+    if ctx.rt.is_main:
         if result is None:
             print(f"distance-match: predicted {args.split} into "
-                  f"{predictions_dir(run_dir, FOLDER, args.split)} (no GT: not scored)")
+                  f"{ctx.run.predictions(FOLDER, args.split)} (no GT: not scored)")
         else:
             print(f"distance-match: {args.split} mIoU {result['mIoU']:.2f} -> "
-                  f"{protocol_metrics_path(run_dir, FOLDER, args.split)}")
+                  f"{ctx.run.metrics(FOLDER, args.split)}")

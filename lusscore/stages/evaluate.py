@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from lusscore.stages.layout import MATCH_FILE, METRICS_FILE, RunDir
 from lusscore.utils import LusscoreError, atomic_write_text
 
 MAX_LISTED = 20
@@ -165,13 +166,18 @@ def format_table(result: dict, classes: list[str] | None = None) -> str:
     return "\n".join(lines)
 
 
-def _json_ready(obj):
+def json_ready(obj):
+    """A result as plain JSON: str keys, lists, Python scalars, NaN as null."""
+    if isinstance(obj, dict):
+        return {str(k): json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_ready(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
     if isinstance(obj, float) and math.isnan(obj):
         return None
-    if isinstance(obj, dict):
-        return {str(k): _json_ready(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_ready(v) for v in obj]
     return obj
 
 
@@ -245,12 +251,145 @@ def evaluate(gt_dir, pred_dir, num_classes: int, names=None, match="none", devic
     return result
 
 
+# ---------------------------------------------------------------------------------------------
+# A run folder's protocols: which splits are predicted and scored, with which match
+
+
+def eval_device(rt) -> str:
+    """Where scoring runs: the run's GPU, else the CPU."""
+    return str(rt.device) if rt.device.type == "cuda" else "cpu"
+
+
+def skipped_test_reason(ds) -> str | None:
+    """None when test can be scored, else the one line saying why it is not."""
+    if not ds.has_images("test"):
+        return (f"test: no test images in {ds.split_dir('test')}; test evaluation skipped, "
+                "validation results only")
+    if not ds.has_labels("test"):
+        return (f"test: images but no GT in {ds.labels_dir('test')}; test predicted, test "
+                "evaluation skipped (`luss submit` packs the predictions for the test server)")
+    return None
+
+
+def prediction_splits(ds) -> list[str]:
+    """Validation, and test when its images exist (with or without GT)."""
+    return ["validation"] + (["test"] if ds.has_images("test") else [])
+
+
+def scored_splits(ds) -> list[str]:
+    return ["validation"] + (["test"] if skipped_test_reason(ds) is None else [])
+
+
+DISTANCE_MATCH_MODES = ("none", "hungarian")
+
+
+def protocol_matches(cfg: dict, protocol: str) -> bool:
+    """Whether a protocol's ids need a match to GT: unsupervised clusters always; semi never
+    (its head predicts GT ids); distance matching only with distance_match.match: hungarian
+    (the reference code's re-matching, default none)."""
+    if protocol == "distance_match":
+        mode = cfg["distance_match"]["match"]
+        if mode not in DISTANCE_MATCH_MODES:
+            raise LusscoreError(f"distance_match.match must be "
+                                f"{' or '.join(map(repr, DISTANCE_MATCH_MODES))}, not {mode!r}")
+        return mode == "hungarian"
+    return protocol == "unsupervised"
+
+
+def protocol_match(ctx, protocol: str, split: str) -> str:
+    """The match a protocol's split is scored with: none, or for a matched protocol the
+    Hungarian match found on validation, which test reuses from its match.json."""
+    if not protocol_matches(ctx.cfg, protocol):
+        return "none"
+    if split == "validation":
+        return "hungarian"
+    path = ctx.run.match(protocol)
+    if not path.is_file():
+        raise LusscoreError(f"{path} not found: the {split} split reuses the match found on "
+                            "validation; evaluate validation first")
+    return str(path)
+
+
+def evaluate_predictions(ctx, pred_dir: Path | None = None, out_dir: Path | None = None,
+                         match: str = "hungarian", split: str = "validation",
+                         workers: int = 0) -> dict:
+    """Evaluate a protocol's predictions of a split with GT (default: the unsupervised
+    validation ones) and write out_dir/metrics.json, plus out_dir/match.json when the match
+    is found here (match="hungarian"; a match.json path is applied as it is)."""
+    ds, run = ctx.dataset, ctx.run
+    names = ds.names_path(split)
+    pred_dir = Path(pred_dir) if pred_dir is not None else run.predictions("unsupervised", split)
+    out_dir = Path(out_dir) if out_dir is not None else run.metrics("unsupervised", split).parent
+    result = evaluate(ds.labels_dir(split), pred_dir,
+                      ds.num_classes, names=names if names.is_file() else None, match=match,
+                      device=eval_device(ctx.rt), workers=workers)
+    if ctx.rt.is_main:
+        if match == "hungarian":
+            match_ids = {str(k): int(v) for k, v in result["match"].items()}
+            atomic_write_text(out_dir / MATCH_FILE, json.dumps(match_ids, indent=1))
+        atomic_write_text(out_dir / METRICS_FILE, json.dumps(json_ready(result), indent=1))
+        print(f"{split}:")
+        print(format_table(result, ["other"] + ds.wnids))
+    return result
+
+
+def evaluate_protocol(ctx, protocol: str, split: str = "validation", workers: int = 0) -> dict:
+    """Score a protocol's predictions of a split into its metrics.json (see layout.py)."""
+    return evaluate_predictions(ctx, pred_dir=ctx.run.predictions(protocol, split),
+                                out_dir=ctx.run.metrics(protocol, split).parent,
+                                match=protocol_match(ctx, protocol, split), split=split,
+                                workers=workers)
+
+
+# The side-by-side summary of a run's protocols (protocols.json and the printed table)
+
+SUMMARY_KEYS = ("mIoU", "mBIoU", "Acc", "FMeasure", "S", "MS", "ML", "L")
+NAME_WIDTH = 20  # first column of the protocol table: fits 'floor colour_kmeans'
+
+
+def summarize(protocol: str, results: dict) -> dict:
+    """{validation's numbers..., match, metrics, "test": the same for test, or None when test
+    was not scored}; results: {split: evaluation result}."""
+    def one(split: str) -> dict:
+        result = results[split]
+        out = {k: result.get(k) for k in SUMMARY_KEYS}
+        # test never gets a match of its own: a matched protocol reuses validation's
+        out["match"] = ("none" if result.get("match") is None
+                        else "hungarian" if split == "validation" else "validation")
+        out["metrics"] = RunDir("").metrics(protocol, split).as_posix()
+        return out
+    out = one("validation")
+    out["test"] = one("test") if "test" in results else None
+    return json_ready(out)
+
+
+def format_protocols(summary: dict, floors: dict | None = None) -> str:
+    """The protocols' validation and test numbers side by side, then one `floor` row per
+    trivial baseline (floors: {split: baselines.json content}) in the same columns."""
+    keys = ("mIoU", "mBIoU", "Acc", "FMeasure")
+    fmt = lambda v: "nan" if v is None else f"{v:.2f}"
+    cells = lambda m: " ".join(f"{fmt(m[k]) if m else '-':>7}" for k in keys)
+    heads = " ".join(f"{k[:5] if k != 'FMeasure' else 'F':>7}" for k in keys)
+    lines = [f"{'':<{NAME_WIDTH}} {'validation (tuned)':^31}   {'test (untouched)':^31}",
+             f"{'protocol':<{NAME_WIDTH}} {heads}   {heads}  match"]
+    for name, m in summary.items():
+        match = "hungarian on validation" if m["match"] == "hungarian" else m["match"]
+        lines.append(f"{name:<{NAME_WIDTH}} {cells(m)}   {cells(m.get('test'))}  {match}")
+    floors = floors or {}
+    val = floors.get("validation")
+    if val is not None:
+        test = floors.get("test") or {"floors": {}}
+        for name, m in val["floors"].items():
+            lines.append(f"{'floor ' + name:<{NAME_WIDTH}} {cells(m)}   "
+                         f"{cells(test['floors'].get(name))}  {val['match']}, no learning")
+    return "\n".join(lines)
+
+
 def evaluate_run(args) -> dict:
     """--run-dir mode: the protocol's split scored as `luss run` does, into its metrics.json."""
     import torch
     from lusscore.engine import Runtime
-    from lusscore.stages.common import dataset_of, protocol_metrics_path, resolve_config
-    from lusscore.stages.run import evaluate_protocol
+    from lusscore.stages.common import StageContext, resolve_config
     given = [flag for flag, value in (("--gt", args.gt), ("--pred", args.pred), ("--names", args.names),
                                       ("--num-classes", args.num_classes), ("--match", args.match),
                                       ("--curve", args.curve), ("--pass-bands", args.pass_bands),
@@ -260,15 +399,15 @@ def evaluate_run(args) -> dict:
         raise LusscoreError(f"--run-dir takes the GT, names, predictions and match from the run; "
                             f"drop {', '.join(given)}")
     split, protocol = args.split or "validation", args.protocol or "unsupervised"
-    cfg = resolve_config(args.run_dir, None, [])
-    ds = dataset_of(cfg)
+    ctx = StageContext(resolve_config(args.run_dir, None, []), args.run_dir,
+                       Runtime(torch.device(args.device)))
+    ds = ctx.dataset
     if not ds.has_labels(split):
         raise LusscoreError(f"{ds.labels_dir(split)}: no GT label PNGs, so the {split} split cannot "
                             "be scored here (the benchmark's test GT is on its server: `luss submit`)")
-    result = evaluate_protocol(cfg, Path(args.run_dir), Runtime(torch.device(args.device)),
-                               protocol, split, workers=args.workers)
+    result = evaluate_protocol(ctx, protocol, split, workers=args.workers)
     print(f"evaluate: {protocol} {split} mIoU {result['mIoU']:.2f} -> "
-          f"{protocol_metrics_path(args.run_dir, protocol, split)}")
+          f"{RunDir(args.run_dir).metrics(protocol, split)}")
     return result
 
 
@@ -312,5 +451,5 @@ def main(args) -> int:
             raise LusscoreError("--save-match needs --match hungarian or a match file")
         save_match(args.save_match, best["match"])
     if args.json:
-        atomic_write_text(args.json, json.dumps(_json_ready(result), indent=1))
+        atomic_write_text(args.json, json.dumps(json_ready(result), indent=1))
     return 0

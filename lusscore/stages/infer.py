@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from lusscore.checkpoint import load_checkpoint
 from lusscore.data.label_io import image_size, write_label_png
 from lusscore.data.segmentation import InferenceImages
 from lusscore.engine import Runtime, autocast
-from lusscore.stages.common import add_run_arguments, dataset_of, predictions_dir, start_run
-from lusscore.stages.finetune import SegmentationModel
+from lusscore.stages.common import StageContext, add_run_arguments, start_run
+from lusscore.stages.evaluate import prediction_splits
+from lusscore.models.pass_models import SegmentationModel, load_segmentation_checkpoint
 from lusscore.utils import LusscoreError
 
 MAX_SIDE = 1000
@@ -67,13 +67,17 @@ def predict_split(model, samples, out_dir: Path, rt: Runtime, resize: int = 256)
     return written
 
 
-def load_segmentation_model(cfg: dict, run_dir: Path, rt: Runtime,
-                            stage: str = "finetune") -> SegmentationModel:
+def load_segmentation_model(ctx: StageContext, stage: str = "finetune") -> SegmentationModel:
     """The model of <run>/<stage>.pt (finetune, or semi for the semi-supervised protocol)."""
-    state = load_checkpoint(run_dir / f"{stage}.pt")
-    model = SegmentationModel(cfg["model"], cfg["data"]["num_classes"])
-    model.load_state_dict(state["model"])
-    return model.to(rt.device)
+    return load_segmentation_checkpoint(ctx.cfg, ctx.run.checkpoint(stage)).to(ctx.rt.device)
+
+
+def predict_protocol(ctx: StageContext, model, protocol: str = "unsupervised") -> None:
+    """Predict validation, and test when its images exist, into the protocol's folders."""
+    resize = ctx.cfg["infer"]["resize"]
+    for split in prediction_splits(ctx.dataset):
+        predict_split(model, ctx.dataset.prediction_samples(split),
+                      ctx.run.predictions(protocol, split), ctx.rt, resize=resize)
 
 
 def add_arguments(parser):
@@ -82,11 +86,9 @@ def add_arguments(parser):
 
 
 def main(args):
-    cfg, run_dir, rt = start_run(args)
-    samples = dataset_of(cfg).prediction_samples(args.split)
-    model = load_segmentation_model(cfg, run_dir, rt)
-    out_dir = predictions_dir(run_dir, "unsupervised", args.split)
-    n = predict_split(model, samples, out_dir, rt,
-                      resize=cfg.get("infer", {}).get("resize", 256))
-    if rt.is_main:
+    ctx = start_run(args)
+    out_dir = ctx.run.predictions("unsupervised", args.split)
+    n = predict_split(load_segmentation_model(ctx), ctx.dataset.prediction_samples(args.split),
+                      out_dir, ctx.rt, resize=ctx.cfg["infer"]["resize"])
+    if ctx.rt.is_main:
         print(f"infer: wrote {n} predictions to {out_dir}")

@@ -28,36 +28,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lusscore.data import ImageNetS, image_size, read_image, write_label_png
-from lusscore.data.views import IMAGENET_MEAN, IMAGENET_STD
+from lusscore.data import ImageNetS, image_size, write_label_png
+from lusscore.data.transforms import load_image_tensor, resized_size
 from lusscore.ops.attention_pool import attention_pool
 from lusscore.utils import LusscoreError, atomic_path
-
-
 
 @dataclass(frozen=True)
 class LabelItem:
     image: Path
     label: Path                    # the PNG to write
     attention: Path | None = None  # the .npy of the stride-8 mean attention, when wanted
-
-
-def resized_size(h: int, w: int, short: int) -> tuple[int, int]:
-    """(H, W) after resizing the shorter side to `short` (torchvision's Resize(int) rule)."""
-    if h <= w:
-        return short, int(short * w / h)
-    return int(short * h / w), short
-
-
-def load_image_tensor(path, short: int) -> torch.Tensor:
-    """The network input of one image: resized, (3, H, W) float, ImageNet-normalised."""
-    img = read_image(path)
-    h, w = resized_size(img.height, img.width, short)
-    img = img.resize((w, h), Image.BILINEAR)
-    t = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()).permute(2, 0, 1) / 255.0
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    return (t - mean) / std
 
 
 def apply_tau(labels: torch.Tensor, mean_attention: torch.Tensor, tau: float) -> torch.Tensor:
@@ -245,15 +225,48 @@ def load_centroids(path) -> torch.Tensor:
     return torch.from_numpy(c.astype(np.float32))
 
 
+def label_split(ctx, split: str, tau: float, save_attention: bool) -> dict:
+    """Label a split of the run's dataset into <run>/labels/<split> with the run's attention
+    model and centroids (this rank's shard; resumable)."""
+    from lusscore.models.backbone import load_attention_checkpoint
+    ds = ctx.dataset
+    if split == "train":
+        images = [p for p, _ in ds.image_samples("train")]
+    else:
+        images = [s.image for s in ds.segmentation_samples(split)]
+    items = plan_items(images, ds.split_dir(split), ctx.run.labels(split), save_attention)
+    backbone, attention, _ = load_attention_checkpoint(ctx.run.checkpoint("attention"))
+    lcfg = ctx.cfg["label"]
+    stats = label_images(backbone, attention, load_centroids(ctx.run.centroids),
+                         shard(items, ctx.rt.rank, ctx.rt.world_size), tau, device=ctx.rt.device,
+                         batch_size=lcfg["batch_size"], resize=lcfg["resize"],
+                         workers=ctx.cfg["data"]["workers"], amp=ctx.rt.device.type == "cuda",
+                         progress=ctx.rt.is_main)
+    ctx.rt.barrier()
+    return stats
+
+
+def run_tau(ctx) -> float:
+    """The tau of a run: the sweep's (written into the run's config.yaml), else the config's."""
+    if ctx.cfg["label"]["sweep"] and not ctx.run.sweep_done():
+        raise LusscoreError(f"{ctx.run.sweep} not found: run `luss sweep-tau --run-dir "
+                            f"{ctx.run.root}` first (or pass --tau)")
+    return float(ctx.cfg["label"]["tau"])
+
+
 def add_arguments(parser):
-    parser.add_argument("--data", required=True, help="dataset root (ImageNet-S layout)")
+    parser.add_argument("--run-dir", default=None,
+                        help="label with a run folder's attention.pt, centroids and swept tau into "
+                             "<run>/labels/<split> (then --data, --checkpoint, --centroids, --out "
+                             "come from the run)")
+    parser.add_argument("--data", help="dataset root (ImageNet-S layout)")
     parser.add_argument("--split", default="train", choices=["train", "validation", "train-semi", "test"])
-    parser.add_argument("--checkpoint", required=True,
+    parser.add_argument("--checkpoint",
                         help="attention checkpoint {'backbone', 'attention', 'config'}")
-    parser.add_argument("--centroids", required=True, help="centroids.npy (K, L)")
+    parser.add_argument("--centroids", help="centroids.npy (K, L)")
     parser.add_argument("--tau", type=float, default=None,
                         help="attention threshold ('other' below it); default: config['tau']")
-    parser.add_argument("--out", required=True, help="folder of the label PNGs")
+    parser.add_argument("--out", help="folder of the label PNGs")
     parser.add_argument("--save-attention", action="store_true",
                         help="also write the stride-8 mean attention as .npy (for the tau sweep)")
     parser.add_argument("--resize", type=int, default=256, help="shorter side of the network input")
@@ -266,8 +279,33 @@ def add_arguments(parser):
                         help="pick the packaged category list (when the root has none)")
 
 
+def main_run_dir(args) -> None:
+    """--run-dir: label a split from the run folder, tau from the run's config (the sweep's)."""
+    from argparse import Namespace
+    from lusscore.stages.common import start_run
+    given = [f for f, v in (("--data", args.data), ("--checkpoint", args.checkpoint),
+                            ("--centroids", args.centroids), ("--out", args.out),
+                            ("--num-classes", args.num_classes)) if v is not None]
+    if given:
+        raise LusscoreError(f"--run-dir takes the data, checkpoint, centroids and output folder "
+                            f"from the run; drop {', '.join(given)}")
+    ctx = start_run(Namespace(run_dir=args.run_dir, config=None, set=[], device=args.device))
+    tau = args.tau if args.tau is not None else run_tau(ctx)
+    stats = label_split(ctx, args.split, tau, args.save_attention)
+    if ctx.rt.is_main:
+        print(f"luss label: {stats['labelled']} labelled, {stats['skipped']} already done, tau "
+              f"{tau:.3f} -> {ctx.run.labels(args.split)}")
+
+
 def main(args):
     from lusscore.models.backbone import load_attention_checkpoint
+
+    if args.run_dir is not None:
+        return main_run_dir(args)
+    missing = [f for f, v in (("--data", args.data), ("--checkpoint", args.checkpoint),
+                              ("--centroids", args.centroids), ("--out", args.out)) if v is None]
+    if missing:
+        raise LusscoreError(f"give {', '.join(missing)} (or --run-dir RUN to label from a run folder)")
 
     rank, world = dist_rank_world()
     device = torch.device(args.device)

@@ -1,48 +1,156 @@
-"""Where a run folder keeps the results of each protocol (no torch: the report uses it too).
+"""Every path of a run folder and every "is this step complete" check, in one place (no
+torch: the report uses it too).
 
 Validation (every choice is made there) sits in the protocol's folder, test (scored once,
 never used for a choice) in its test/ sub-folder::
 
-    <run>/config.yaml                                     the resolved config
+    <run>/config.yaml                 the resolved config (label.tau written by the sweep)
+    <run>/<stage>.pt, .yaml, .jsonl   pretrain, attention, finetune, semi: checkpoint, its
+                                      config, the loss log
+    <run>/cluster/                    centroids.npy, assignments.npy, summary.json
+    <run>/labels/<split>/<wnid>/<name>.png (+ .npy mean attention for validation)
+    <run>/sweep_tau.json, sweep_tau.png, attention_score.json
     <run>[/semi | /distance_match]/predictions/<split>/<wnid>/<name>.png
     <run>[/semi | /distance_match]/metrics.json, match.json (when matched on validation)
     <run>[/semi | /distance_match]/test/metrics.json
+    <run>/distance_match/bank.pt      the train-semi region bank of distance matching
     <run>/baselines.json, <run>/test/baselines.json       the trivial floors of each split
+    <run>/protocols.json, timings.json, report/
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from lusscore.utils import LusscoreError
 
 RUN_CONFIG = "config.yaml"
+METRICS_FILE = "metrics.json"
+MATCH_FILE = "match.json"
 PROTOCOLS = ("unsupervised", "semi", "distance_match")
 EVAL_SPLITS = ("validation", "test")
+TRAINING_STAGES = ("pretrain", "attention", "finetune", "semi")
 
 
-def protocol_dir(run_dir: str | Path, protocol: str) -> Path:
-    if protocol not in PROTOCOLS:
-        raise LusscoreError(f"unknown protocol {protocol!r}; one of {list(PROTOCOLS)}")
-    return Path(run_dir) if protocol == "unsupervised" else Path(run_dir) / protocol
+class RunDir:
+    """A run folder: the path of each artefact and whether each step is complete."""
 
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
 
-def predictions_dir(run_dir: str | Path, protocol: str, split: str) -> Path:
-    return protocol_dir(run_dir, protocol) / "predictions" / split
+    def __repr__(self) -> str:
+        return f"RunDir({str(self.root)!r})"
 
+    def __fspath__(self) -> str:
+        return str(self.root)
 
-def protocol_metrics_path(run_dir: str | Path, protocol: str, split: str = "validation") -> Path:
-    if split not in EVAL_SPLITS:
-        raise LusscoreError(f"protocols are scored on {list(EVAL_SPLITS)}, not {split!r}")
-    folder = protocol_dir(run_dir, protocol)
-    return (folder if split == "validation" else folder / split) / "metrics.json"
+    # the run
+    @property
+    def config(self) -> Path:
+        return self.root / RUN_CONFIG
 
+    @property
+    def timings(self) -> Path:
+        return self.root / "timings.json"
 
-def baselines_path(run_dir: str | Path, split: str = "validation") -> Path:
-    """The trivial floors of a split, beside the unsupervised protocol's metrics.json."""
-    return protocol_metrics_path(run_dir, "unsupervised", split).with_name("baselines.json")
+    @property
+    def protocols_summary(self) -> Path:
+        return self.root / "protocols.json"
 
+    @property
+    def demo_picture(self) -> Path:
+        return self.root / "demo.png"
 
-def match_path(run_dir: str | Path, protocol: str) -> Path:
-    """The match found on validation; test reuses it (re-matching on test would be a choice
-    made on test)."""
-    return protocol_dir(run_dir, protocol) / "match.json"
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    # the training stages
+    def checkpoint(self, stage: str) -> Path:
+        if stage not in TRAINING_STAGES:
+            raise LusscoreError(f"unknown training stage {stage!r}; one of {list(TRAINING_STAGES)}")
+        return self.root / f"{stage}.pt"
+
+    def training_log(self, stage: str) -> Path:
+        return self.checkpoint(stage).with_suffix(".jsonl")
+
+    # clustering and pseudo labels
+    @property
+    def cluster_dir(self) -> Path:
+        return self.root / "cluster"
+
+    @property
+    def centroids(self) -> Path:
+        return self.cluster_dir / "centroids.npy"
+
+    @property
+    def assignments(self) -> Path:
+        return self.cluster_dir / "assignments.npy"
+
+    @property
+    def cluster_summary(self) -> Path:
+        return self.cluster_dir / "summary.json"
+
+    def labels(self, split: str) -> Path:
+        return self.root / "labels" / split
+
+    @property
+    def sweep(self) -> Path:
+        return self.root / "sweep_tau.json"
+
+    @property
+    def sweep_plot(self) -> Path:
+        return self.root / "sweep_tau.png"
+
+    @property
+    def attention_score(self) -> Path:
+        return self.root / "attention_score.json"
+
+    # the protocols
+    def protocol_dir(self, protocol: str) -> Path:
+        if protocol not in PROTOCOLS:
+            raise LusscoreError(f"unknown protocol {protocol!r}; one of {list(PROTOCOLS)}")
+        return self.root if protocol == "unsupervised" else self.root / protocol
+
+    def predictions(self, protocol: str, split: str) -> Path:
+        return self.protocol_dir(protocol) / "predictions" / split
+
+    def metrics(self, protocol: str, split: str = "validation") -> Path:
+        if split not in EVAL_SPLITS:
+            raise LusscoreError(f"protocols are scored on {list(EVAL_SPLITS)}, not {split!r}")
+        folder = self.protocol_dir(protocol)
+        return (folder if split == "validation" else folder / split) / METRICS_FILE
+
+    def match(self, protocol: str) -> Path:
+        """The match found on validation; test reuses it (re-matching on test would be a
+        choice made on test)."""
+        return self.protocol_dir(protocol) / MATCH_FILE
+
+    def submission(self, protocol: str) -> Path:
+        """The test-server archive of a protocol's test predictions (`luss submit`)."""
+        return self.protocol_dir(protocol) / "submission.zip"
+
+    @property
+    def distance_bank(self) -> Path:
+        """The distance-matching protocol's train-semi region bank."""
+        return self.protocol_dir("distance_match") / "bank.pt"
+
+    def baselines(self, split: str = "validation") -> Path:
+        """The trivial floors of a split, beside the unsupervised protocol's metrics.json."""
+        return self.metrics("unsupervised", split).with_name("baselines.json")
+
+    # completeness: one definition per kind of step
+    def stage_done(self, stage: str) -> bool:
+        """A training stage is complete when its checkpoint says so (saved after its last
+        epoch); a partial checkpoint is resumed."""
+        from lusscore.checkpoint import checkpoint_done  # torch, only when asked
+        return checkpoint_done(self.checkpoint(stage))
+
+    def cluster_done(self) -> bool:
+        return self.cluster_summary.is_file()
+
+    def sweep_done(self) -> bool:
+        return self.sweep.is_file()
+
+    def scored(self, protocol: str, split: str) -> bool:
+        return self.metrics(protocol, split).is_file()

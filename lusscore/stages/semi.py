@@ -15,41 +15,36 @@ from pathlib import Path
 
 from torch import nn
 
-from lusscore.engine import Runtime, StageCheckpoint
-from lusscore.stages.common import (add_run_arguments, dataset_of, predictions_dir,
-                                    protocol_metrics_path, start_run)
+from lusscore.stages.common import StageContext, add_run_arguments, start_run
+from lusscore.stages.evaluate import evaluate_protocol
+from lusscore.stages.finetune import build_segmentation_model, train_segmentation
+from lusscore.stages.infer import load_segmentation_model, predict_split
 
 SECTION = "semi"
 
 
-def semi_pairs(cfg: dict) -> list[tuple[Path, Path]]:
+def semi_pairs(ctx: StageContext) -> list[tuple[Path, Path]]:
     """(image, GT label PNG) of every train-semi image."""
-    from lusscore.stages.distance_match import train_semi_samples
-    return [(s.image, s.label) for s in train_semi_samples(dataset_of(cfg))]
+    return [(s.image, s.label) for s in ctx.dataset.train_semi_samples()]
 
 
-def train_semi(cfg: dict, run_dir: Path, rt: Runtime) -> nn.Module:
-    from lusscore.stages.finetune import build_segmentation_model, train_segmentation
-    pairs = semi_pairs(cfg)
-    model = build_segmentation_model(cfg, run_dir, cfg[SECTION].get("init", "pretrain"), SECTION)
-    return train_segmentation(cfg, SECTION, pairs, run_dir, rt, model)
+def train_semi(ctx: StageContext) -> nn.Module:
+    model = build_segmentation_model(ctx, ctx.cfg[SECTION]["init"], SECTION)
+    return train_segmentation(ctx, SECTION, semi_pairs(ctx), model)
 
 
-def run_semi(cfg: dict, run_dir: Path, rt: Runtime, split: str = "validation") -> dict | None:
+def run_semi(ctx: StageContext, split: str = "validation") -> dict | None:
     """Train (or load) the semi model, predict `split`; its metrics, or None without GT."""
-    from lusscore.stages.infer import load_segmentation_model, predict_split
-    from lusscore.stages.run import evaluate_protocol
-    run_dir = Path(run_dir)
-    if StageCheckpoint(run_dir, SECTION, rt, cfg).is_done():
-        model = load_segmentation_model(cfg, run_dir, rt, stage=SECTION)
+    if ctx.run.stage_done(SECTION):
+        model = load_segmentation_model(ctx, stage=SECTION)
     else:
-        model = train_semi(cfg, run_dir, rt).to(rt.device)
-    ds = dataset_of(cfg)
-    predict_split(model, ds.prediction_samples(split), predictions_dir(run_dir, SECTION, split), rt,
-                  resize=cfg.get("infer", {}).get("resize", 256))
+        model = train_semi(ctx).to(ctx.rt.device)
+    ds = ctx.dataset
+    predict_split(model, ds.prediction_samples(split), ctx.run.predictions(SECTION, split), ctx.rt,
+                  resize=ctx.cfg["infer"]["resize"])
     if not ds.has_labels(split):
         return None
-    return evaluate_protocol(cfg, run_dir, rt, SECTION, split)
+    return evaluate_protocol(ctx, SECTION, split)
 
 
 def add_arguments(parser):
@@ -59,12 +54,12 @@ def add_arguments(parser):
 
 
 def main(args):
-    cfg, run_dir, rt = start_run(args)
-    result = run_semi(cfg, run_dir, rt, args.split)
-    if rt.is_main:
+    ctx = start_run(args)
+    result = run_semi(ctx, args.split)
+    if ctx.rt.is_main:
         if result is None:
-            print(f"semi: predicted {args.split} into {predictions_dir(run_dir, SECTION, args.split)} "
+            print(f"semi: predicted {args.split} into {ctx.run.predictions(SECTION, args.split)} "
                   "(no GT: not scored)")
         else:
             print(f"semi: {args.split} mIoU {result['mIoU']:.2f} -> "
-                  f"{protocol_metrics_path(run_dir, SECTION, args.split)}")
+                  f"{ctx.run.metrics(SECTION, args.split)}")

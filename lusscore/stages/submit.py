@@ -16,10 +16,12 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 from lusscore.data.label_io import MAX_LABEL_ID, encode_label_rgb, image_size, read_label_png
-from lusscore.stages.common import PROTOCOLS, dataset_of, predictions_dir, protocol_dir, resolve_config
+from lusscore.engine import Runtime
+from lusscore.stages.common import PROTOCOLS, StageContext, resolve_config
 from lusscore.utils import LusscoreError, atomic_path
 
 SPLIT = "test"
@@ -69,11 +71,11 @@ def encode_png(label: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def submission_match(cfg: dict, run_dir: Path, protocol: str) -> dict[int, int] | None:
+def submission_match(ctx: StageContext, protocol: str) -> dict[int, int] | None:
     """The match found on validation, or None when the protocol predicts class ids."""
     from lusscore.matching import load_match
-    from lusscore.stages.run import protocol_match
-    path = protocol_match(cfg, run_dir, protocol, SPLIT)  # 'none' or validation's match.json
+    from lusscore.stages.evaluate import protocol_match
+    path = protocol_match(ctx, protocol, SPLIT)  # 'none' or validation's match.json
     return None if path == "none" else load_match(path)
 
 
@@ -82,14 +84,14 @@ def write_submission(run_dir: str | Path, protocol: str = "unsupervised",
     run_dir = Path(run_dir)
     if protocol not in PROTOCOLS:
         raise LusscoreError(f"unknown protocol {protocol!r}; one of {list(PROTOCOLS)}")
-    cfg = resolve_config(run_dir, None, [])
-    ds = dataset_of(cfg)
+    ctx = StageContext(resolve_config(run_dir, None, []), run_dir, Runtime(torch.device("cpu")))
+    ds = ctx.dataset
     samples = ds.split_images(SPLIT)
-    pred_dir = predictions_dir(run_dir, protocol, SPLIT)
+    pred_dir = ctx.run.predictions(protocol, SPLIT)
     check_predictions(samples, pred_dir)
-    match = submission_match(cfg, run_dir, protocol)
+    match = submission_match(ctx, protocol)
     lut = relabel_table(match, ds.num_classes)
-    out = Path(out) if out is not None else protocol_dir(run_dir, protocol) / "submission.zip"
+    out = Path(out) if out is not None else ctx.run.submission(protocol)
     with atomic_path(out) as tmp, zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as archive:
         for s in samples:
             path = pred_dir / s.name

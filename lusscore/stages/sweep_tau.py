@@ -18,9 +18,12 @@ from tqdm import tqdm
 
 from lusscore.config import save_config
 from lusscore.data.label_io import read_label_png
+from lusscore.diagnostics import attention_foreground, format_foreground
 from lusscore.metrics import ThresholdSweep
 from lusscore.ops.switch import ops_from_config
-from lusscore.stages.common import RUN_CONFIG, add_run_arguments, dataset_of, start_run
+from lusscore.stages.common import RunDir, StageContext, add_run_arguments, resolve_config, start_run
+from lusscore.stages.evaluate import json_ready
+from lusscore.stages.label import label_split
 from lusscore.utils import LusscoreError, atomic_path, atomic_write_text
 
 
@@ -67,21 +70,63 @@ def plot(result: dict, path: Path) -> None:
 
 
 @ops_from_config
-def run_sweep(cfg: dict, run_dir: Path, progress=True) -> dict:
+def run_sweep(ctx: StageContext) -> dict:
+    """Score the unmasked validation labels at every tau of label.sweep; the best tau into
+    the run's config (record_tau), the table into <run>/sweep_tau.json (main process only)."""
+    cfg = ctx.cfg
     lo, hi, step = cfg["label"]["sweep"]
     taus = thresholds(lo, hi, step)
-    ds = dataset_of(cfg)
-    result = sweep(ds.segmentation_samples("validation"), run_dir / "labels" / "validation",
-                   ds.num_classes, taus, progress)
+    ds = ctx.dataset
+    result = sweep(ds.segmentation_samples("validation"), ctx.run.labels("validation"),
+                   ds.num_classes, taus, ctx.rt.is_main)
     table = [{"tau": t, "mIoU": r["mIoU"], "FMeasure": r["FMeasure"]}
              for t, r in zip(result["thresholds"], result["results"])]
     summary = {"best_tau": result["best_threshold"], "best": {k: result["best"][k] for k in
                ("mIoU", "mBIoU", "Acc", "FMeasure")}, "table": table}
-    atomic_write_text(run_dir / "sweep_tau.json", json.dumps(summary, indent=1))
-    plot(result, run_dir / "sweep_tau.png")
-    cfg["label"]["tau"] = result["best_threshold"]
-    save_config(run_dir / RUN_CONFIG, cfg)
+    plot(result, ctx.run.sweep_plot)
+    record_tau(ctx.run, cfg, summary)
+    atomic_write_text(ctx.run.sweep, json.dumps(summary, indent=1))  # last: marks the sweep done
     return summary
+
+
+def record_tau(run: RunDir, cfg: dict, summary: dict) -> float:
+    """The one writer of label.tau: the sweep's best tau into cfg and the run's config.yaml
+    (where `luss label --run-dir` and every later stage read it)."""
+    cfg["label"]["tau"] = summary["best_tau"]
+    save_config(run.config, cfg)
+    return float(summary["best_tau"])
+
+
+def report_attention_foreground(ctx: StageContext, tau: float) -> dict:
+    """Score the validation attention maps against GT foreground; <run>/attention_score.json."""
+    scores = attention_foreground(ctx.dataset.segmentation_samples("validation"),
+                                  ctx.run.labels("validation"), tau)
+    atomic_write_text(ctx.run.attention_score, json.dumps(json_ready(scores), indent=1))
+    ctx.log(format_foreground(scores))
+    return scores
+
+
+def sweep_step(ctx: StageContext) -> float:
+    """`luss run`'s choice of tau on validation: label validation unmasked (with attention
+    maps), sweep, score the attention; skipped when the sweep is complete. -> the tau that
+    the train labels use (the config's own when label.sweep is off)."""
+    if ctx.cfg["label"]["sweep"]:
+        if ctx.run.sweep_done():
+            summary = json.loads(ctx.run.sweep.read_text())
+            if ctx.rt.is_main:  # the run's config.yaml was rewritten at start: the tau again
+                record_tau(ctx.run, ctx.cfg, summary)
+            ctx.cfg["label"]["tau"] = summary["best_tau"]
+        else:
+            label_split(ctx, "validation", 0.0, save_attention=True)
+            if ctx.rt.is_main:
+                run_sweep(ctx)
+            ctx.rt.barrier()
+            summary = json.loads(ctx.run.sweep.read_text())
+            ctx.cfg["label"]["tau"] = summary["best_tau"]  # the other ranks read what main wrote
+        if ctx.rt.is_main:
+            print(format_sweep(summary))
+            report_attention_foreground(ctx, summary["best_tau"])
+    return float(ctx.cfg["label"]["tau"])
 
 
 def format_sweep(summary: dict) -> str:
@@ -98,8 +143,9 @@ def add_arguments(parser):
 
 
 def main(args):
-    cfg, run_dir, rt = start_run(args)
+    cfg = resolve_config(args.run_dir, args.config, args.set)
     if args.range is not None:
         cfg["label"]["sweep"] = list(args.range)
-    if rt.is_main:
-        print(format_sweep(run_sweep(cfg, run_dir)))
+    ctx = start_run(args, cfg)
+    if ctx.rt.is_main:
+        print(format_sweep(run_sweep(ctx)))
