@@ -86,7 +86,7 @@ def _fit_colours(samples, num_clusters: int, seed: int, max_pixels: int, device:
                  quiet: bool):
     """Fit the colour k-means on a seeded pixel subsample; return it and the border-cluster id."""
     import torch
-    from tqdm import tqdm
+    from lusscore.utils import progress_bar
 
     from lusscore.cluster import KMeans
     from lusscore.data.imagenet_s import check_same_size
@@ -94,7 +94,7 @@ def _fit_colours(samples, num_clusters: int, seed: int, max_pixels: int, device:
     rng = np.random.default_rng([seed, 0])
     per_image = max(1, math.ceil(max_pixels / len(samples)))
     fit, border = [], []
-    for s in tqdm(samples, desc="baselines: sample colours", unit="img", disable=quiet):
+    for s in progress_bar(samples, desc="baselines: sample colours", unit="img", disable=quiet):
         check_same_size(s.label, s.image)
         rgb = _read_rgb(s.image)
         pixels = rgb.reshape(-1, 3)
@@ -117,7 +117,7 @@ def _write_predictions(samples, work: Path, km, other: int, num_classes: int, se
                        quiet: bool) -> None:
     """Every floor's label PNG of every image, under work/<floor>/<label name>."""
     import torch
-    from tqdm import tqdm
+    from lusscore.utils import progress_bar
 
     from lusscore.data.label_io import write_label_png
 
@@ -125,7 +125,7 @@ def _write_predictions(samples, work: Path, km, other: int, num_classes: int, se
     lut = np.zeros(num_classes + 1, dtype=np.int64)
     lut[[c for c in range(num_classes + 1) if c != other]] = np.arange(1, num_classes + 1)
     disc_ids = np.random.default_rng([seed, 1]).integers(1, num_classes + 1, size=len(samples))
-    for s, disc_id in tqdm(list(zip(samples, disc_ids)), desc="baselines: write floors",
+    for s, disc_id in progress_bar(list(zip(samples, disc_ids)), desc="baselines: write floors",
                            unit="img", disable=quiet):
         rgb = _read_rgb(s.image)
         h, w = rgb.shape[:2]

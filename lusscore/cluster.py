@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lusscore.engine import rank_world
 from lusscore.ops.kmeans import kmeans_assign, kmeans_update
 from lusscore.utils import LusscoreError
 
@@ -84,16 +85,10 @@ def preprocess_features(x: torch.Tensor, pca_dim: int | None = None, whiten: boo
 
 # ------------------------------------------------------------------------------ data passes
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (in place where possible), through the device the backend takes: the
     GPU for NCCL, the CPU otherwise. Returns the result on t's device."""
-    if _world()[1] == 1:
+    if rank_world()[1] == 1:
         return t
     comm = t.device if dist.get_backend() == "nccl" else torch.device("cpu")
     if t.device == comm:
@@ -268,7 +263,7 @@ class KMeans:
 
     def fit(self, x: torch.Tensor, init_centroids: torch.Tensor | None = None) -> "KMeans":
         self._check_x(x)
-        rank, world = _world()
+        rank, world = rank_world()
         device, dtype = self._setup(x)
         k, d = self.n_clusters, x.shape[1]
         sizes = self._shard_sizes(x.shape[0], device)
@@ -355,14 +350,14 @@ class KMeans:
         return a > b if self.metric == "ip" else a < b
 
     def _bar(self, redo):
-        if not self.progress or _world()[0] != 0 or self.niter == 0:
+        if not self.progress or rank_world()[0] != 0 or self.niter == 0:
             return None
-        from tqdm.auto import tqdm
+        from lusscore.utils import progress_bar
         desc = f"k-means K={self.n_clusters}" + (f" run {redo + 1}/{self.nredo}" if self.nredo > 1 else "")
-        return tqdm(total=self.niter, desc=desc, leave=False)
+        return progress_bar(total=self.niter, desc=desc, leave=False)
 
     def _shard_sizes(self, n_local: int, device) -> list[int]:
-        rank, world = _world()
+        rank, world = rank_world()
         if world == 1:
             return [n_local]
         comm_device = device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -374,7 +369,7 @@ class KMeans:
     def _gather_rows(self, x, global_index: torch.Tensor, offset: int, device) -> torch.Tensor:
         """Rows of the global (all ranks') data at global_index, on every rank, float32.
         Each rank fills the rows it owns and a sum all-reduce completes the rest."""
-        _, world = _world()
+        _, world = rank_world()
         if world == 1:
             return x[global_index.to(x.device)].to(device, torch.float32)
         local = (global_index >= offset) & (global_index < offset + x.shape[0])
@@ -395,7 +390,7 @@ class KMeans:
             bad += nonfinite.sum()
         n_bad = int(_all_reduce(bad))
         if n_bad:
-            rank, world = _world()
+            rank, world = rank_world()
             where = "" if first is None else \
                 f" (first at row {first}" + (f" of rank {rank})" if world > 1 else ")")
             raise LusscoreError(f"KMeans: x has {n_bad} row(s) with NaN or inf values{where}")
@@ -451,7 +446,7 @@ class KMeans:
             if n_bad:
                 where = f" (first at row {first_bad})" if first_bad is not None else ""
                 raise LusscoreError(f"KMeans: x has {n_bad} row(s) with NaN or inf values{where}")
-        if _world()[1] > 1:
+        if rank_world()[1] > 1:
             packed = _all_reduce(torch.cat([sums.flatten(), counts.double(), obj.reshape(1)]))
             sums = packed[:k * d].view(k, d)
             counts = packed[k * d:k * d + k].round().long()

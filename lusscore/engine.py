@@ -16,9 +16,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from tqdm import tqdm
 
-from lusscore.checkpoint import checkpoint_done, load_checkpoint, save_checkpoint
+from lusscore.utils import progress_bar
+from lusscore.checkpoint import load_checkpoint, save_checkpoint
 from lusscore.config import save_config
 
 
@@ -45,6 +45,13 @@ class Runtime:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
 
 
 def setup_runtime(device: str | None = None) -> Runtime:
@@ -144,14 +151,15 @@ class JsonlLog:
 
 
 class StageCheckpoint:
-    """<run>/<stage>.pt (+ .yaml config): saved atomically after every epoch, resumed on start.
+    """A stage's checkpoint (+ .yaml config beside it): saved atomically after every epoch,
+    resumed on start.
 
     `state` holds whatever the stage needs (model, optimizer, queue, ...) plus epoch and RNG.
     `done` marks a finished stage so `luss run` can skip it.
     """
 
-    def __init__(self, run_dir: str | os.PathLike, stage: str, rt: Runtime, config: dict):
-        self.path = Path(run_dir) / f"{stage}.pt"
+    def __init__(self, path: str | os.PathLike, rt: Runtime, config: dict):
+        self.path = Path(path)
         self.rt, self.config = rt, config
 
     def exists(self) -> bool:
@@ -162,9 +170,6 @@ class StageCheckpoint:
             return None
         # Every rank restores its own RNG stream from the checkpoint of rank 0 plus its rank.
         return load_checkpoint(self.path, map_location=map_location, restore_rng=True)
-
-    def is_done(self) -> bool:
-        return checkpoint_done(self.path)
 
     def save(self, state: dict, done: bool = False) -> None:
         if self.rt.is_main:
@@ -224,14 +229,15 @@ def train_step(trainer: Trainer, batch, step: int) -> tuple[torch.Tensor, dict, 
     return loss, parts, images
 
 
-def train_epochs(trainer: Trainer, run_dir, rt: Runtime, config: dict) -> nn.Module:
-    """The training loop of every stage: resumes from <run>/<stage>.pt at its last saved
-    epoch, follows the lr schedule per iteration, shows progress, appends one JSON line per
-    iteration to <run>/<stage>.jsonl and checkpoints atomically after every epoch (the last
-    one marked done). Returns the unwrapped model."""
+def train_epochs(trainer: Trainer, run, rt: Runtime, config: dict) -> nn.Module:
+    """The training loop of every stage: resumes from the run's checkpoint of the stage
+    (RunDir.checkpoint) at its last saved epoch, follows the lr schedule per iteration, shows
+    progress, appends one JSON line per iteration to the stage's log (RunDir.training_log) and
+    checkpoints atomically after every epoch (the last one marked done). Returns the
+    unwrapped model."""
     name, core = trainer.name, unwrap(trainer.model)
-    ck = StageCheckpoint(run_dir, name, rt, config)
-    log = JsonlLog(Path(run_dir) / f"{name}.jsonl", rt)
+    ck = StageCheckpoint(run.checkpoint(name), rt, config)
+    log = JsonlLog(run.training_log(name), rt)
     start, iters = 0, len(trainer.loader)
     state = ck.load()
     if state is not None:
@@ -243,7 +249,7 @@ def train_epochs(trainer: Trainer, run_dir, rt: Runtime, config: dict) -> nn.Mod
         trainer.loader.sampler.set_epoch(epoch)
         trainer.start_epoch(epoch)
         trainer.model.train()
-        bar = tqdm(trainer.loader, desc=f"{name} {epoch + 1}/{trainer.epochs}",
+        bar = progress_bar(trainer.loader, desc=f"{name} {epoch + 1}/{trainer.epochs}",
                    disable=not rt.is_main, leave=False)
         for it, batch in enumerate(bar):
             t0 = time.perf_counter()

@@ -598,7 +598,7 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
     missing_logs = [s for s in TRAINING_STAGES if s not in logs]
     if missing_logs:
         parts.append('<p class="note">no loss log: '
-                     + ", ".join(_e(f"{s}.jsonl") for s in missing_logs) + "</p>")
+                     + ", ".join(_e(RunDir(run_dir).training_log(s).name) for s in missing_logs) + "</p>")
 
     # --- validation grid
     parts.append("<h2>Validation images</h2>")

@@ -1,8 +1,9 @@
-"""Small helpers shared by every part of lusscore: atomic writes and errors."""
+"""Small helpers shared by every part of lusscore: atomic writes, errors, progress bars."""
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -47,3 +48,30 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)
+
+
+class _LogLines:
+    """Where progress bars write when stderr is not a terminal (a log file, CI): every
+    refresh becomes one plain line instead of a carriage-return redraw."""
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            sys.stderr.write(line + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
+LOG_INTERVAL_S = 30  # a redirected bar writes at most one line per bar this often
+
+
+def progress_bar(iterable=None, **kwargs):
+    """tqdm on a terminal; on a redirected stderr, a line per LOG_INTERVAL_S and one at the
+    end, so logs stay readable."""
+    from tqdm import tqdm
+    if not sys.stderr.isatty():
+        kwargs.setdefault("file", _LogLines())
+        kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+        kwargs.setdefault("ncols", 100)
+    return tqdm(iterable, **kwargs)

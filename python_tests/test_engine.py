@@ -24,6 +24,7 @@ from torch.utils.data import TensorDataset  # noqa: E402
 
 from lusscore.engine import Runtime, Trainer, make_loader, train_epochs, train_step  # noqa: E402
 from lusscore.optim import cosine_schedule  # noqa: E402
+from lusscore.stages.layout import RunDir  # noqa: E402
 
 CPU = Runtime(torch.device("cpu"))
 
@@ -65,7 +66,7 @@ class ToyTrainer(Trainer):
 def test_train_epochs_logs_checkpoints_and_calls_the_hooks(tmp_path):
     trainer = ToyTrainer()
     first = train_step(ToyTrainer(), next(iter(ToyTrainer().loader)), 0)[0].item()
-    model = train_epochs(trainer, tmp_path, CPU, {"seed": 0})
+    model = train_epochs(trainer, RunDir(tmp_path), CPU, {"seed": 0})
     assert model is trainer.model
     assert trainer.events[:2] == [("epoch", 0), ("step", 0)]
     assert [e for e in trainer.events if e[0] == "epoch"] == [("epoch", e) for e in range(3)]
@@ -83,7 +84,7 @@ class Crash(Exception):
 
 
 def test_train_epochs_resumes_to_the_uninterrupted_result(tmp_path):
-    full = train_epochs(ToyTrainer(), tmp_path / "a", CPU, {}).state_dict()
+    full = train_epochs(ToyTrainer(), RunDir(tmp_path / "a"), CPU, {}).state_dict()
     crashing = ToyTrainer()
 
     def crash(step):  # killed in the second epoch, after the first one's checkpoint
@@ -92,12 +93,22 @@ def test_train_epochs_resumes_to_the_uninterrupted_result(tmp_path):
 
     crashing.before_step = crash
     with pytest.raises(Crash):
-        train_epochs(crashing, tmp_path / "b", CPU, {})
+        train_epochs(crashing, RunDir(tmp_path / "b"), CPU, {})
     saved = torch.load(tmp_path / "b" / "pretrain.pt", weights_only=False)
     assert saved["epoch"] == 1 and not saved["done"]
     resumed = ToyTrainer()
-    model = train_epochs(resumed, tmp_path / "b", CPU, {})
+    model = train_epochs(resumed, RunDir(tmp_path / "b"), CPU, {})
     assert [e for e in resumed.events if e[0] == "epoch"] == [("epoch", 1), ("epoch", 2)]
     assert resumed.extra == 1  # load() got what state() saved
     for k, v in full.items():
         torch.testing.assert_close(model.state_dict()[k], v, rtol=0, atol=0)
+
+
+def test_progress_bars_write_plain_lines_to_a_redirected_stderr(capsys):
+    from lusscore import utils
+    for _ in utils.progress_bar(range(3), desc="work", mininterval=0):  # every update a line
+        pass
+    err = capsys.readouterr().err
+    assert "\r" not in err and err.endswith("\n")
+    lines = err.splitlines()
+    assert lines[-1].startswith("work: 100%") and "3/3" in lines[-1]

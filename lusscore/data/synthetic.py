@@ -33,11 +33,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy import ndimage
-from tqdm import tqdm
 
 from lusscore.data.imagenet_s import write_categories, write_names
 from lusscore.data.label_io import IGNORE_INDEX, write_label_png
-from lusscore.utils import LusscoreError, atomic_path, atomic_write_text
+from lusscore.utils import LusscoreError, atomic_path, atomic_write_text, progress_bar
 
 # Bump when the drawing changes, so an old dataset is not taken for a new one.
 GENERATOR_VERSION = 2
@@ -564,7 +563,7 @@ def generate_dataset(out, config: SynthConfig | None = None, progress: bool = Tr
 
     tasks = [(str(out), config, s, j) for s in SPLITS
              for j in range(config.classes * config.per_class(s))]
-    bar = tqdm(total=len(tasks), desc="synth", unit="img", disable=not progress)
+    bar = progress_bar(total=len(tasks), desc="synth", unit="img", disable=not progress)
     records = []
     try:
         if workers == 1:

@@ -6,10 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def _world() -> tuple[int, bool]:
-    on = dist.is_available() and dist.is_initialized()
-    return (dist.get_world_size() if on else 1), on
+from lusscore.engine import rank_world
 
 
 @torch.no_grad()
@@ -19,7 +16,8 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
     In fp32 whatever the input dtype; under torch.distributed the row/column sums are
     all-reduced so every rank computes its shard of the same global solution.
     """
-    world, distributed = _world()
+    world = rank_world()[1]
+    distributed = world > 1
     q = torch.exp(scores.float() / epsilon).t()  # (K, B)
     k, b_local = q.shape
     b = b_local * world

@@ -41,8 +41,8 @@ def pooled_features(backbone, attention, image_paths, device="cpu", batch_size: 
     out = []
     batches = loader
     if progress:
-        from tqdm import tqdm
-        batches = tqdm(loader, desc="features", unit="batch")
+        from lusscore.utils import progress_bar
+        batches = progress_bar(loader, desc="features", unit="batch")
     for images in batches:
         images = images.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):

@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from lusscore.data.label_io import IGNORE_INDEX, image_size, read_label_png, write_label_png
 from lusscore.data.transforms import load_image_tensor, resized_size
@@ -31,7 +30,7 @@ from lusscore.ops.kmeans import kmeans_assign, kmeans_update
 from lusscore.models.pass_models import pretrained_trunk
 from lusscore.stages.common import StageContext, add_run_arguments, resolve_config, start_run
 from lusscore.stages.evaluate import DISTANCE_MATCH_MODES, evaluate_protocol, protocol_matches
-from lusscore.utils import LusscoreError, atomic_path
+from lusscore.utils import LusscoreError, atomic_path, progress_bar
 
 FOLDER = "distance_match"
 def settings(cfg: dict) -> dict:
@@ -162,7 +161,7 @@ def build_bank(backbone, samples, upsample: int, rt: Runtime, resize: int = 256,
     paths = [samples[i].image for i in mine]
     orig, batches = _same_size_batches(paths, resize, batch_size)
     vectors, labels, images = [], [], []
-    bar = tqdm(total=len(mine), desc="distance-match bank", unit="img", disable=not progress)
+    bar = progress_bar(total=len(mine), desc="distance-match bank", unit="img", disable=not progress)
     for idx in batches:
         feats = pixel_features(backbone, _load_batch(paths, idx, resize), upsample, rt)
         for j, i in enumerate(idx):
@@ -232,7 +231,7 @@ def predict_knn(backbone, bank: dict, samples, out_dir: Path, cfg: dict, rt: Run
     vectors = bank["vectors"].to(rt.device)
     labels = bank["labels"].to(rt.device)
     num_labels = int(cfg["data"]["num_classes"]) + 1
-    bar = tqdm(total=len(todo), desc="distance-match", unit="img", disable=not progress)
+    bar = progress_bar(total=len(todo), desc="distance-match", unit="img", disable=not progress)
     for idx in batches:
         feats = pixel_features(backbone, _load_batch(paths, idx, int(s["resize"])), upsample, rt)
         b, d, h, w = feats.shape

@@ -126,10 +126,10 @@ def _evaluate_chunk(task):
 def accumulate_in_workers(acc, jobs, names, num_classes, kwargs, workers: int, quiet: bool,
                           chunk: int = 32) -> None:
     """CPU path: workers decode AND run the op, so the metric work scales with --workers."""
-    from tqdm import tqdm
+    from lusscore.utils import progress_bar
     tasks = [(jobs[i:i + chunk], names[i:i + chunk], num_classes, kwargs)
              for i in range(0, len(jobs), chunk)]
-    with tqdm(total=len(jobs), unit="img", disable=quiet, desc="evaluate") as bar, \
+    with progress_bar(total=len(jobs), unit="img", disable=quiet, desc="evaluate") as bar, \
             ProcessPoolExecutor(workers) as pool:
         for state in pool.map(_evaluate_chunk, tasks):  # in order: image indices stay sorted
             acc.merge(state)
@@ -138,8 +138,8 @@ def accumulate_in_workers(acc, jobs, names, num_classes, kwargs, workers: int, q
 
 def read_pairs(jobs, workers: int, quiet: bool):
     """Yield decoded (pred, gt, conf) in order, decoding in `workers` processes."""
-    from tqdm import tqdm
-    bar = tqdm(total=len(jobs), unit="img", disable=quiet, desc="evaluate")
+    from lusscore.utils import progress_bar
+    bar = progress_bar(total=len(jobs), unit="img", disable=quiet, desc="evaluate")
     try:
         if workers <= 0:
             for job in jobs:

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from lusscore.data.label_io import image_size, write_label_png
 from lusscore.data.segmentation import InferenceImages
@@ -23,7 +22,7 @@ from lusscore.engine import Runtime, autocast
 from lusscore.stages.common import StageContext, add_run_arguments, start_run
 from lusscore.stages.evaluate import prediction_splits
 from lusscore.models.pass_models import SegmentationModel, load_segmentation_checkpoint
-from lusscore.utils import LusscoreError
+from lusscore.utils import LusscoreError, progress_bar
 
 MAX_SIDE = 1000
 
@@ -55,7 +54,7 @@ def predict_split(model, samples, out_dir: Path, rt: Runtime, resize: int = 256)
     todo = [s for s in samples[rt.rank::rt.world_size]]
     dataset = InferenceImages([s.image for s in todo], resize=resize)
     written = 0
-    for i in tqdm(range(len(dataset)), desc="infer", disable=not rt.is_main, unit="img"):
+    for i in progress_bar(range(len(dataset)), desc="infer", disable=not rt.is_main, unit="img"):
         target = out_dir / todo[i].name
         size = image_size(todo[i].image)
         if prediction_is_valid(target, size):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from PIL import Image
 
 from lusscore.data import ImageNetS, image_size, write_label_png
 from lusscore.data.transforms import load_image_tensor, resized_size
+from lusscore.engine import setup_runtime
 from lusscore.ops.attention_pool import attention_pool
 from lusscore.utils import LusscoreError, atomic_path
 
@@ -177,8 +177,8 @@ def label_images(backbone, attention, centroids, items: list[LabelItem], tau: fl
         pin_memory=device.type == "cuda", persistent_workers=False)
     bar = None
     if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(todo), desc="label", unit="img", initial=0)
+        from lusscore.utils import progress_bar
+        bar = progress_bar(total=len(todo), desc="label", unit="img", initial=0)
     pool = ThreadPoolExecutor(max(1, writers))
     pending = []
     try:
@@ -204,12 +204,6 @@ def label_images(backbone, attention, centroids, items: list[LabelItem], tau: fl
     seconds = time.perf_counter() - start
     return {"labelled": len(todo), "skipped": skipped, "seconds": seconds,
             "images_per_s": len(todo) / seconds if seconds > 0 else float("nan")}
-
-
-def dist_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def load_centroids(path) -> torch.Tensor:
@@ -307,10 +301,8 @@ def main(args):
     if missing:
         raise LusscoreError(f"give {', '.join(missing)} (or --run-dir RUN to label from a run folder)")
 
-    rank, world = dist_rank_world()
-    device = torch.device(args.device)
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    rt = setup_runtime(args.device)  # under torchrun: this process's rank and GPU
+    rank, world, device = rt.rank, rt.world_size, rt.device
     backbone, attention, config = load_attention_checkpoint(args.checkpoint)
     from lusscore.ops.switch import apply_ops_config
     apply_ops_config(config)  # the run's ops mode (fused kernels or their references)

@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from lusscore.config import save_config
 from lusscore.data.label_io import read_label_png
@@ -24,7 +23,7 @@ from lusscore.ops.switch import ops_from_config
 from lusscore.stages.common import RunDir, StageContext, add_run_arguments, resolve_config, start_run
 from lusscore.stages.evaluate import json_ready
 from lusscore.stages.label import label_split
-from lusscore.utils import LusscoreError, atomic_path, atomic_write_text
+from lusscore.utils import LusscoreError, atomic_path, atomic_write_text, progress_bar
 
 
 def thresholds(lo: float, hi: float, step: float) -> list[float]:
@@ -36,7 +35,7 @@ def thresholds(lo: float, hi: float, step: float) -> list[float]:
 
 def sweep(samples, labels_dir: Path, num_classes: int, taus: list[float], progress=True) -> dict:
     acc = ThresholdSweep(num_classes, taus)
-    for s in tqdm(samples, desc="sweep-tau", unit="img", disable=not progress):
+    for s in progress_bar(samples, desc="sweep-tau", unit="img", disable=not progress):
         label_path = labels_dir / s.name
         gt = read_label_png(s.label)
         pred = read_label_png(label_path, expected_size=gt.shape)
