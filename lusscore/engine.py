@@ -3,6 +3,7 @@ AMP, per-epoch atomic checkpoints with exact resume, a JSON-lines log and progre
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -17,7 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 
-from lusscore.utils import progress_bar
+from lusscore.utils import LusscoreError, progress_bar
 from lusscore.checkpoint import load_checkpoint, save_checkpoint
 from lusscore.config import save_config
 
@@ -84,6 +85,20 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(s)
 
 
+def stage_seed(seed: int, stage: str, part: str | int, rank: int = 0) -> int:
+    """The seed of one part of a stage (its model's initialisation, "init", or an epoch): a
+    function of (run seed, stage, part, rank) only, so a stage draws the same random numbers
+    whether it runs after other stages in one process, alone, or resumed at any epoch."""
+    digest = hashlib.sha256(f"{seed}:{stage}:{part}:{rank}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def seed_stage(seed: int, stage: str, part: str | int, rank: int = 0) -> None:
+    """Seed Python's, NumPy's and torch's generators from stage_seed (DataLoader workers
+    derive theirs from torch's when each epoch's iterator starts)."""
+    seed_everything(stage_seed(seed, stage, part, rank))
+
+
 class EpochSampler(Sampler):
     """A single-process shuffling sampler whose order depends only on (seed, epoch).
 
@@ -114,9 +129,10 @@ def make_loader(dataset: Dataset, batch_size: int, rt: Runtime, seed: int, shuff
                                      shuffle=shuffle, seed=seed, drop_last=drop_last)
     else:
         sampler = EpochSampler(len(dataset), seed, shuffle)
+    # Workers start anew each epoch: their seeds then follow the epoch's seed (seed_stage),
+    # so a resumed epoch draws what the uninterrupted one drew.
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, drop_last=drop_last,
-                      num_workers=workers, collate_fn=collate_fn, pin_memory=rt.device.type == "cuda",
-                      persistent_workers=workers > 0)
+                      num_workers=workers, collate_fn=collate_fn, pin_memory=rt.device.type == "cuda")
 
 
 def prepare_model(model: nn.Module, rt: Runtime, sync_bn: bool = True) -> nn.Module:
@@ -236,6 +252,11 @@ def train_epochs(trainer: Trainer, run, rt: Runtime, config: dict) -> nn.Module:
     checkpoints atomically after every epoch (the last one marked done). Returns the
     unwrapped model."""
     name, core = trainer.name, unwrap(trainer.model)
+    if len(trainer.loader) == 0:  # drop_last and fewer images than a batch: zero steps
+        n, batch = len(trainer.loader.dataset), trainer.loader.batch_size
+        raise LusscoreError(f"{name}: {n} training image(s) per process, fewer than one batch of "
+                            f"{batch}, so an epoch would take no step; set {name}.batch_size to "
+                            f"at most {max(1, n) * rt.world_size}")
     ck = StageCheckpoint(run.checkpoint(name), rt, config)
     log = JsonlLog(run.training_log(name), rt)
     start, iters = 0, len(trainer.loader)
@@ -245,7 +266,9 @@ def train_epochs(trainer: Trainer, run, rt: Runtime, config: dict) -> nn.Module:
         trainer.optimizer.load_state_dict(state["optimizer"])
         start = state["epoch"]
         trainer.load(state)
+    seed = int(config.get("seed", 0))
     for epoch in range(start, trainer.epochs):
+        seed_stage(seed, name, epoch, rt.rank)
         trainer.loader.sampler.set_epoch(epoch)
         trainer.start_epoch(epoch)
         trainer.model.train()

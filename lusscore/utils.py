@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +18,32 @@ class LusscoreError(ValueError):
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 _FILE_MODE = 0o666 & ~_UMASK
+
+
+# atomic_path's temporaries: .<name>.<random>.tmp<suffix> (the suffix kept: PIL and NumPy
+# choose the format by it). A kill before the rename leaves one; readers skip them and
+# resumers remove them (remove_temp_files).
+_TEMP_NAME = re.compile(r"^\..+\.[^.]+\.tmp(\.[^.]+)?$")
+
+
+def is_temp_file(path: str | os.PathLike) -> bool:
+    return _TEMP_NAME.match(Path(path).name) is not None
+
+
+def files_under(folder: str | os.PathLike, suffixes: tuple[str, ...]) -> Iterator[Path]:
+    """The regular files below folder whose suffix (any case) is one of suffixes, without
+    atomic_path's temporaries."""
+    return (p for p in Path(folder).rglob("*")
+            if p.suffix.lower() in suffixes and not is_temp_file(p) and p.is_file())
+
+
+def remove_temp_files(folder: str | os.PathLike) -> int:
+    """Delete the temporaries a killed writer left below folder; returns how many."""
+    stale = [p for p in Path(folder).rglob(".*.tmp*") if is_temp_file(p) and p.is_file()]
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return len(stale)
 
 
 @contextlib.contextmanager
@@ -67,11 +94,20 @@ LOG_INTERVAL_S = 30  # a redirected bar writes at most one line per bar this oft
 
 
 def progress_bar(iterable=None, **kwargs):
-    """tqdm on a terminal; on a redirected stderr, a line per LOG_INTERVAL_S and one at the
-    end, so logs stay readable."""
+    """tqdm on a terminal; on a redirected stderr, one plain line per LOG_INTERVAL_S (postfix
+    updates included) and one at the end, so logs stay readable. TQDM_DISABLE=1 turns every
+    bar off."""
     from tqdm import tqdm
-    if not sys.stderr.isatty():
-        kwargs.setdefault("file", _LogLines())
-        kwargs.setdefault("mininterval", LOG_INTERVAL_S)
-        kwargs.setdefault("ncols", 100)
-    return tqdm(iterable, **kwargs)
+
+    class LogBar(tqdm):
+        def set_postfix(self, ordered_dict=None, refresh=True, **values):
+            super().set_postfix(ordered_dict, refresh=False, **values)  # the interval decides
+
+    if os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
+        kwargs["disable"] = True
+    if sys.stderr.isatty():
+        return tqdm(iterable, **kwargs)
+    kwargs.setdefault("file", _LogLines())
+    kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+    kwargs.setdefault("ncols", 100)
+    return LogBar(iterable, **kwargs)

@@ -112,3 +112,25 @@ def test_progress_bars_write_plain_lines_to_a_redirected_stderr(capsys):
     assert "\r" not in err and err.endswith("\n")
     lines = err.splitlines()
     assert lines[-1].startswith("work: 100%") and "3/3" in lines[-1]
+
+
+def test_a_redirected_training_log_has_few_lines_and_tqdm_disable_silences_it(tmp_path, capsys, monkeypatch):
+    """Per-iteration postfix updates do not bypass the interval; TQDM_DISABLE=1 is honoured."""
+    trainer = ToyTrainer(epochs=3)
+    trainer.loader = make_loader(trainer.loader.dataset, 1, CPU, seed=0)  # 24 iterations an epoch
+    trainer.lrs = cosine_schedule(0.01, 0.001, 3 * len(trainer.loader))
+    train_epochs(trainer, RunDir(tmp_path / "a"), CPU, {})
+    err = capsys.readouterr().err
+    assert "\r" not in err and len(err.splitlines()) <= 3 * 2  # at most a start and an end line per epoch
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    train_epochs(ToyTrainer(epochs=1), RunDir(tmp_path / "b"), CPU, {})
+    assert capsys.readouterr().err == ""
+
+
+def test_a_batch_larger_than_the_data_is_an_error_not_zero_steps(tmp_path):
+    from lusscore.utils import LusscoreError
+    trainer = ToyTrainer()
+    trainer.loader = make_loader(trainer.loader.dataset, 32, CPU, seed=0)  # 24 images, drop_last
+    with pytest.raises(LusscoreError, match="pretrain: 24 training image.*pretrain.batch_size to at most 24"):
+        train_epochs(trainer, RunDir(tmp_path), CPU, {})
+    assert not (tmp_path / "pretrain.pt").exists()  # never marked done

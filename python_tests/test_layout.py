@@ -89,3 +89,23 @@ def test_the_stages_have_no_import_loop():
 
     for m in sorted(graph):
         visit(m, [])
+
+
+def test_steps_their_keys_outputs_and_what_a_redo_removes(tmp_path):
+    from lusscore.stages.common import redo_from
+    from lusscore.stages.layout import STEPS, downstream, step_keys
+    run = RunDir(tmp_path)
+    assert downstream("pretrain") == list(STEPS)
+    assert downstream("cluster") == ["cluster", "sweep_tau", "label", "finetune", "infer"]
+    assert step_keys("finetune")[:2] == ("seed", "data.num_classes") and "cluster" in step_keys("finetune")
+    assert "attention" not in step_keys("semi")
+    for step in STEPS:
+        assert all(p.is_relative_to(tmp_path) and p != tmp_path for p in run.outputs(step)), step
+    for p in (run.centroids, run.checkpoint("attention"), run.labels("train") / "a" / "x.png"):
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text("x")
+    assert redo_from(run, "cluster")[0] == "cluster"
+    assert not run.cluster_dir.exists() and not run.labels("train").exists()
+    assert run.checkpoint("attention").exists()  # upstream of the redone steps
+    with pytest.raises(LusscoreError, match="unknown step"):
+        redo_from(run, "everything")

@@ -125,6 +125,78 @@ def test_label_run_dir_reads_the_swept_tau_and_reproduces_the_train_labels(finis
     assert "give --data, --checkpoint, --centroids, --out" in capsys.readouterr().err
 
 
+def test_resume_ignores_and_removes_temp_files_and_redoes_damaged_outputs(finished_run, tmp_path):
+    """A kill before a rename leaves `.<name>.<random>.tmp.png`; a damaged PNG has a valid
+    header. Readers skip the first, resumers remove it, and both files are redone."""
+    import shutil
+    from lusscore import cli
+    from lusscore.stages.finetune import label_pairs
+    source, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    ds = ImageNetS(run_root(run))
+    images = {p.relative_to(ds.split_dir("train")).with_suffix("").as_posix(): p
+              for p, _ in ds.image_samples("train")}
+    some_label = sorted((run / "labels" / "train").rglob("*.png"))[0]
+    temp = some_label.with_name(f".{some_label.name}.k3x9q2w1.tmp.png")
+    temp.write_bytes(some_label.read_bytes()[:50])
+    assert len(label_pairs(run / "labels" / "train", images)) == len(images)  # the temp is skipped
+    data = some_label.read_bytes()
+    some_label.write_bytes(data[: len(data) // 2])  # header intact, pixels cut
+    prediction = sorted((run / "predictions" / "validation").rglob("*.png"))[0]
+    pred_bytes = prediction.read_bytes()
+    prediction.write_bytes(pred_bytes[: len(pred_bytes) // 2])
+    pred_temp = prediction.with_name(f".{prediction.name}.a1b2c3d4.tmp.png")
+    pred_temp.write_bytes(b"")
+
+    assert cli.main(["label", "--run-dir", str(run), "--split", "train", "--device", "cpu"]) == 0
+    assert not temp.exists()
+    assert (read_label_png(some_label) == read_label_png(source / some_label.relative_to(run))).all()
+    assert cli.main(["infer", "--run-dir", str(run), "--split", "validation", "--device", "cpu"]) == 0
+    assert not pred_temp.exists()
+    assert prediction.read_bytes() == (source / prediction.relative_to(run)).read_bytes()
+
+
+def test_a_changed_config_never_reuses_stale_outputs(finished_run, tmp_path, tiny_root, capsys):
+    import shutil
+    import yaml
+    from lusscore import cli
+    from lusscore.config import save_config
+    source, _ = finished_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    given = tmp_path / "given.yaml"
+    save_config(given, tiny_cfg(tiny_root))
+    before = (run / "config.yaml").read_text()
+    assert cli.main(["run", str(given), "--run-dir", str(run), "--set", "cluster.k=2"]) == 2
+    err = capsys.readouterr().err
+    assert "cluster.k: 3 in the run, 2 now" in err and "--redo-from cluster" in err
+    assert (run / "config.yaml").read_text() == before  # never rewritten to other values
+    for override, key, step in (("seed=1", "seed", "pretrain"),
+                                ("pretrain.epochs=3", "pretrain.epochs", "pretrain"),
+                                ("finetune.epochs=3", "finetune.epochs", "finetune")):
+        assert cli.main(["run", str(given), "--run-dir", str(run), "--set", override]) == 2
+        err = capsys.readouterr().err
+        assert f"({key}: " in err and f"--redo-from {step}" in err, err
+    assert cli.main(["label", "--run-dir", str(run), "--split", "train", "--device", "cpu"]) == 0  # same config
+
+    kept = {n: (run / n).read_bytes() for n in ("pretrain.pt", "attention.pt")}
+    assert cli.main(["run", str(given), "--run-dir", str(run), "--set", "cluster.k=2",
+                     "--redo-from", "cluster", "--device", "cpu"]) == 0
+    assert "removed the outputs of cluster, sweep_tau, label, finetune, infer" in capsys.readouterr().out
+    assert np.load(run / "cluster" / "centroids.npy").shape[0] == 2
+    assert yaml.safe_load((run / "config.yaml").read_text())["cluster"]["k"] == 2
+    assert all((run / n).read_bytes() == b for n, b in kept.items())  # upstream steps untouched
+    steps = json.loads((run / "fingerprints.json").read_text())
+    assert steps["cluster"]["cluster"]["k"] == 2 and steps["finetune"]["cluster"]["k"] == 2
+    assert cli.main(["run", str(given), "--run-dir", str(run), "--set", "cluster.k=2", "--device", "cpu"]) == 0
+
+
+def run_root(run):
+    import yaml
+    return yaml.safe_load((run / "config.yaml").read_text())["data"]["root"]
+
+
 def test_rerun_keeps_the_swept_tau_in_the_run_config(finished_run, tmp_path, tiny_root):
     """`luss run` saves the config it was given; the sweep, skipped as complete, writes its tau
     back, so config.yaml never holds a tau the labels were not made with."""
@@ -207,6 +279,73 @@ def test_pretrain_resume_after_crash_matches_uninterrupted(tiny_root, tmp_path, 
     resumed = pretrain(StageContext(cfg, tmp_path / "b", rt), train).state_dict()
     for k in full:
         assert torch.equal(full[k], resumed[k]), k
+
+
+class Killed(BaseException):
+    """A kill at a chosen moment (not an Exception: nothing may catch it)."""
+
+
+def _scramble_rng(seed):
+    """What a fresh process, or other work before it, leaves in the global generators."""
+    import random
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def test_killed_and_resumed_runs_reproduce_the_uninterrupted_run_bit_for_bit(tiny_root, tmp_path,
+                                                                            monkeypatch):
+    """Killed after the first epoch of every training stage and in the middle of labelling
+    train, each time resumed with other global RNG state (a fresh process): the same
+    checkpoints, labels and metrics as one uninterrupted run."""
+    import hashlib
+    from lusscore.engine import StageCheckpoint
+    from lusscore.stages import label as label_stage
+    longer = ["attention.epochs=2", "finetune.epochs=2", "semi.epochs=2"]
+    cfg = apply_overrides(tiny_cfg(tiny_root), longer)
+    rt = Runtime(torch.device("cpu"))
+    _scramble_rng(1)
+    run_stage.run_pipeline(StageContext(cfg, tmp_path / "a", rt))
+
+    run_b, killed = tmp_path / "b", []
+    original_save, original_write = StageCheckpoint.save, label_stage._write_outputs
+
+    def save_then_kill(self, state, done=False):
+        original_save(self, state, done)
+        if state["epoch"] == 1 and self.path.stem not in killed:
+            killed.append(self.path.stem)
+            raise Killed(self.path.stem)
+
+    def write_then_kill(item, label, attention):
+        original_write(item, label, attention)
+        if "labels/train" in item.label.as_posix() and "label" not in killed:
+            written = sum(1 for _ in (run_b / "labels" / "train").rglob("*.png"))
+            if written >= 5:
+                killed.append("label")
+                raise Killed("label")
+
+    monkeypatch.setattr(StageCheckpoint, "save", save_then_kill)
+    monkeypatch.setattr(label_stage, "_write_outputs", write_then_kill)
+    for attempt in range(10):
+        _scramble_rng(100 + attempt)
+        try:
+            run_stage.run_pipeline(StageContext(cfg, run_b, rt))
+            break
+        except Killed:
+            continue
+    assert killed == ["pretrain", "attention", "label", "finetune", "semi"]
+
+    def digest(path):
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    for stage in ("pretrain", "attention", "finetune", "semi"):
+        a = torch.load(tmp_path / "a" / f"{stage}.pt", weights_only=False)["model"]
+        b = torch.load(run_b / f"{stage}.pt", weights_only=False)["model"]
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), stage
+    labels = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a" / "labels").rglob("*.png"))
+    assert labels and all(digest(tmp_path / "a" / p) == digest(run_b / p) for p in labels)
+    for name in ("metrics.json", "semi/metrics.json", "distance_match/metrics.json", "protocols.json"):
+        assert json.loads((tmp_path / "a" / name).read_text()) == json.loads((run_b / name).read_text()), name
 
 
 def test_demo_config_runs_every_protocol(finished_run):

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from lusscore.data.label_io import image_size, read_image, read_label_png
-from lusscore.utils import LusscoreError, atomic_write_text
+from lusscore.utils import LusscoreError, atomic_write_text, files_under
 
 SUBSETS = (50, 300, 919)
 IMAGE_SPLITS = ("train", "train-semi", "validation", "test")
@@ -102,7 +102,7 @@ def write_names(path: str | os.PathLike, pairs: list[tuple[str, str]]) -> None:
 
 
 def _iter_images(folder: Path):
-    return (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return files_under(folder, tuple(IMAGE_EXTENSIONS))
 
 
 def _scan_images(folder: Path) -> list[Path]:
@@ -197,7 +197,7 @@ class ImageNetS:
         if split not in SEGMENTATION_SPLITS:
             return False
         folder = self.labels_dir(split)
-        return folder.is_dir() and next(folder.rglob("*.png"), None) is not None
+        return folder.is_dir() and next(files_under(folder, (".png",)), None) is not None
 
     def split_images(self, split: str, names: str | os.PathLike | None = None) -> list[ImageSample]:
         """Every image of a split with its label name ('wnid/x.png'), whether or not the split

@@ -74,6 +74,16 @@ def read_label_png(path: str | os.PathLike, dtype=np.int64,
     return label
 
 
+def label_png_valid(path: str | os.PathLike, expected_size: tuple[int, int]) -> bool:
+    """True when path decodes, whole, as a label PNG of expected_size: what a resumed stage
+    checks before it skips an output (a truncated file is redone, not skipped)."""
+    try:
+        read_label_png(path, expected_size=expected_size)
+    except (FileNotFoundError, LusscoreError):
+        return False
+    return True
+
+
 def write_label_png(path: str | os.PathLike, label) -> None:
     """Write (H, W) ids (numpy or torch, any integer dtype) as an RGB PNG, atomically."""
     if hasattr(label, "detach"):

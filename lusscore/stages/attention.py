@@ -17,7 +17,7 @@ from lusscore.losses.pass_loss import N_LARGE, SwAVQueue, pass_losses, queue_len
 from lusscore.models.pass_models import AttentionModel, read_pretrain
 from lusscore.ops.switch import ops_from_config
 from lusscore.optim import LARS, cosine_schedule
-from lusscore.stages.common import StageContext, add_run_arguments, start_run, train_stage
+from lusscore.stages.common import StageContext, add_run_arguments, record_step, start_run, train_stage
 from lusscore.stages.pretrain import ImageFiles, multicrop_forward
 from lusscore.utils import LusscoreError
 
@@ -85,8 +85,11 @@ def train_attention(ctx: StageContext, samples=None) -> AttentionModel:
     train split)."""
     samples = ctx.dataset.image_samples("train") if samples is None else samples
     pretrain_state = read_pretrain(ctx.run.checkpoint("pretrain"))
-    return train_epochs(AttentionTrainer(ctx.cfg, ctx.rt, samples, pretrain_state), ctx.run,
-                        ctx.rt, ctx.cfg)
+    ctx.seed_stage("attention")
+    model = train_epochs(AttentionTrainer(ctx.cfg, ctx.rt, samples, pretrain_state), ctx.run,
+                         ctx.rt, ctx.cfg)
+    record_step(ctx, "attention")
+    return model
 
 
 add_arguments = add_run_arguments

@@ -20,7 +20,7 @@ from lusscore.metrics import hungarian_accuracy, nmi
 from lusscore.models.backbone import load_attention_checkpoint
 from lusscore.ops.switch import ops_from_config
 from lusscore.stages.attention_features import pooled_features
-from lusscore.stages.common import RunDir, StageContext, add_run_arguments, start_run
+from lusscore.stages.common import RunDir, StageContext, add_run_arguments, record_step, start_run
 from lusscore.utils import LusscoreError, atomic_path, atomic_write_text
 
 
@@ -64,6 +64,7 @@ def run_cluster(ctx: StageContext, samples=None) -> dict:
         with atomic_path(run.assignments) as tmp:
             np.save(tmp, labels)
         atomic_write_text(run.cluster_summary, json.dumps(summary, indent=1))
+    record_step(ctx, "cluster")
     rt.barrier()
     return summary
 

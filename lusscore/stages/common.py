@@ -12,9 +12,9 @@ import torch
 
 from lusscore.config import apply_overrides, load_config, save_config
 from lusscore.data import ImageNetS
-from lusscore.engine import Runtime, seed_everything, setup_runtime
+from lusscore.engine import Runtime, seed_everything, seed_stage, setup_runtime
 from lusscore.ops.switch import apply_ops_config, ops_mode
-from lusscore.stages.layout import EVAL_SPLITS, PROTOCOLS, RunDir  # noqa: F401
+from lusscore.stages.layout import EVAL_SPLITS, PROTOCOLS, STEPS, RunDir, downstream, step_keys  # noqa: F401
 from lusscore.utils import LusscoreError, atomic_write_text
 
 
@@ -32,6 +32,12 @@ class StageContext:
     @property
     def seed(self) -> int:
         return int(self.cfg["seed"])
+
+    def seed_stage(self, stage: str) -> None:
+        """Seed the generators for a stage's model initialisation from (seed, stage, rank)
+        alone: what ran before in this process does not matter (its epochs are seeded by the
+        training loop the same way)."""
+        seed_stage(self.seed, stage, "init", self.rt.rank)
 
     def log(self, text: str) -> None:
         """One progress line of `luss run` (main process only)."""
@@ -74,6 +80,90 @@ class StageTimings:
                  "peak_gpu_bytes": self.peak_bytes}, indent=1))
 
 
+# ---------------------------------------------------------------------------------------------
+# Config fingerprints: a rerun never reuses outputs made with other settings
+
+
+def config_value(cfg: dict, key: str):
+    node = cfg
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def fingerprint(cfg: dict, step: str) -> dict:
+    """{config key: value} of what a step's outputs depend on (layout.STEPS). With a tau
+    sweep, label.tau is the sweep's output, not a setting, and is left out."""
+    keys = step_keys(step)
+    if cfg["label"]["sweep"]:
+        keys = tuple(k for k in keys if k != "label.tau")
+    return json.loads(json.dumps({k: config_value(cfg, k) for k in keys}))  # as JSON stores it
+
+
+def recorded_steps(run: RunDir) -> dict:
+    if not run.fingerprints.is_file():
+        return {}
+    try:
+        return json.loads(run.fingerprints.read_text())
+    except json.JSONDecodeError as e:
+        raise LusscoreError(f"{run.fingerprints}: not valid JSON ({e}); restore it or remove "
+                            "the run folder") from None
+
+
+def record_step(ctx: "StageContext", step: str) -> None:
+    """Note that a step's outputs now exist, made with this config (main process)."""
+    if ctx.rt.is_main:
+        steps = recorded_steps(ctx.run)
+        steps[step] = fingerprint(ctx.cfg, step)
+        atomic_write_text(ctx.run.fingerprints, json.dumps(steps, indent=1))
+
+
+def _leaves(values: dict, prefix: str = "") -> dict:
+    """{dotted key: value} of the non-mapping values of a nested fingerprint."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict) and v:
+            out.update(_leaves(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_fingerprints(cfg: dict, run: RunDir) -> None:
+    """An error naming every key whose value differs from the one a completed step of the
+    run folder was made with, and the ways out."""
+    steps = recorded_steps(run)
+    for step in STEPS:  # in run order: the first stale step is where to redo from
+        if step not in steps:
+            continue
+        then, now = _leaves(steps[step]), _leaves(fingerprint(cfg, step))
+        diff = [f"{k}: {then.get(k)!r} in the run, {now.get(k)!r} now"
+                for k in sorted(set(then) | set(now)) if then.get(k) != now.get(k)]
+        if diff:
+            raise LusscoreError(
+                f"{run.root} was made with other settings than this config ("
+                + "; ".join(diff) + f"), from step {step} on. Use a new --run-dir, or "
+                f"`luss run CONFIG --run-dir {run.root} --redo-from {step}` to redo {step} and "
+                "every step after it")
+
+
+def redo_from(run: RunDir, step: str) -> list[str]:
+    """Remove the outputs and records of a step and of every step after it; -> those steps."""
+    import shutil
+    if step not in STEPS:
+        raise LusscoreError(f"--redo-from: unknown step {step!r}; one of {list(STEPS)}")
+    steps, redone = recorded_steps(run), downstream(step)
+    for s in redone:
+        for path in run.outputs(s):  # every rank of a torchrun may do this: missing is fine
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+        steps.pop(s, None)
+    atomic_write_text(run.fingerprints, json.dumps(steps, indent=1))
+    return redone
+
+
 def add_run_arguments(parser, config_required: bool = False) -> None:
     parser.add_argument("--run-dir", required=True, help="the run folder (checkpoints, labels, ...)")
     parser.add_argument("--config", required=config_required,
@@ -98,6 +188,7 @@ def open_run(args, cfg: dict | None = None) -> StageContext:
     the runtime and the seeds."""
     if cfg is None:
         cfg = resolve_config(args.run_dir, args.config, args.set)
+    check_fingerprints(cfg, RunDir(args.run_dir))  # before config.yaml is rewritten
     ctx = StageContext(cfg, args.run_dir, setup_runtime(args.device))
     if ctx.rt.is_main:
         save_config(ctx.run.config, cfg)

@@ -23,14 +23,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lusscore.data.label_io import IGNORE_INDEX, image_size, read_label_png, write_label_png
+from lusscore.data.label_io import (IGNORE_INDEX, image_size, label_png_valid, read_label_png,
+                                    write_label_png)
 from lusscore.data.transforms import load_image_tensor, resized_size
 from lusscore.engine import Runtime, autocast
 from lusscore.ops.kmeans import kmeans_assign, kmeans_update
 from lusscore.models.pass_models import pretrained_trunk
-from lusscore.stages.common import StageContext, add_run_arguments, resolve_config, start_run
+from lusscore.stages.common import StageContext, add_run_arguments, record_step, resolve_config, start_run
 from lusscore.stages.evaluate import DISTANCE_MATCH_MODES, evaluate_protocol, protocol_matches
-from lusscore.utils import LusscoreError, atomic_path, progress_bar
+from lusscore.utils import LusscoreError, atomic_path, progress_bar, remove_temp_files
 
 FOLDER = "distance_match"
 def settings(cfg: dict) -> dict:
@@ -205,6 +206,7 @@ def load_or_build_bank(ctx: StageContext, backbone=None) -> dict:
         if rt.is_main:
             with atomic_path(path) as tmp:
                 torch.save(bank, tmp)
+        record_step(ctx, "distance_match")
         rt.barrier()
     bank = torch.load(path, map_location="cpu", weights_only=True)
     if bank["vectors"].shape[0] == 0:
@@ -219,12 +221,14 @@ def load_or_build_bank(ctx: StageContext, backbone=None) -> dict:
 def predict_knn(backbone, bank: dict, samples, out_dir: Path, cfg: dict, rt: Runtime,
                 progress: bool = True) -> int:
     """Write the kNN prediction of this rank's shard of `samples`; skip valid existing PNGs."""
-    from lusscore.stages.infer import prediction_is_valid
     s = settings(cfg)
     upsample = upsample_factor(cfg, int(s["stride"]))
+    if rt.is_main:  # what a killed run left half-written
+        remove_temp_files(out_dir)
+    rt.barrier()
     todo = []
     for sample in samples[rt.rank::rt.world_size]:
-        if not prediction_is_valid(out_dir / sample.name, image_size(sample.image)):
+        if not label_png_valid(out_dir / sample.name, image_size(sample.image)):
             todo.append(sample)
     paths = [t.image for t in todo]
     orig, batches = _same_size_batches(paths, int(s["resize"]), int(s["batch_size"]))

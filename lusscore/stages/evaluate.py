@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from lusscore.stages.layout import MATCH_FILE, METRICS_FILE, RunDir
-from lusscore.utils import LusscoreError, atomic_write_text
+from lusscore.utils import LusscoreError, atomic_write_text, files_under
 
 MAX_LISTED = 20
 
@@ -66,7 +66,7 @@ def add_arguments(parser) -> None:
 
 def label_names(gt_dir: Path, names: str | None) -> list[str]:
     if names is None:
-        found = sorted(p.relative_to(gt_dir).as_posix() for p in gt_dir.rglob("*.png"))
+        found = sorted(p.relative_to(gt_dir).as_posix() for p in files_under(gt_dir, (".png",)))
         if not found:
             raise LusscoreError(f"{gt_dir}: no GT PNGs found")
         return found

@@ -15,8 +15,8 @@ from lusscore.data.segmentation import LabeledImages
 from lusscore.engine import Runtime, Trainer, autocast, make_loader, prepare_model, train_epochs
 from lusscore.models.pass_models import SegmentationModel, segmentation_model
 from lusscore.optim import LARS, cosine_schedule
-from lusscore.stages.common import StageContext, add_run_arguments, start_run, train_stage
-from lusscore.utils import LusscoreError
+from lusscore.stages.common import StageContext, add_run_arguments, record_step, start_run, train_stage
+from lusscore.utils import LusscoreError, files_under
 
 
 def build_segmentation_model(ctx: StageContext, init: str,
@@ -27,7 +27,7 @@ def build_segmentation_model(ctx: StageContext, init: str,
 def label_pairs(labels_dir: Path, image_paths: dict[str, Path]) -> list[tuple[Path, Path]]:
     """(image, label) for every label PNG under labels_dir; the image is found by wnid/stem."""
     pairs, missing = [], []
-    for lab in sorted(labels_dir.rglob("*.png")):
+    for lab in sorted(files_under(labels_dir, (".png",))):
         key = lab.relative_to(labels_dir).with_suffix("").as_posix()
         if key in image_paths:
             pairs.append((image_paths[key], lab))
@@ -80,8 +80,11 @@ def finetune(ctx: StageContext) -> nn.Module:
     images = {p.relative_to(ds.split_dir("train")).with_suffix("").as_posix(): p
               for p, _ in ds.image_samples("train")}
     pairs = label_pairs(ctx.run.labels("train"), images)
-    model = build_segmentation_model(ctx, ctx.cfg["finetune"]["init"])
-    return train_segmentation(ctx, "finetune", pairs, model)
+    ctx.seed_stage("finetune")
+    model = train_segmentation(ctx, "finetune", pairs,
+                               build_segmentation_model(ctx, ctx.cfg["finetune"]["init"]))
+    record_step(ctx, "finetune")
+    return model
 
 
 add_arguments = add_run_arguments

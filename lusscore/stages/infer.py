@@ -16,13 +16,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from lusscore.data.label_io import image_size, write_label_png
+from lusscore.data.label_io import image_size, label_png_valid, write_label_png
 from lusscore.data.segmentation import InferenceImages
 from lusscore.engine import Runtime, autocast
-from lusscore.stages.common import StageContext, add_run_arguments, start_run
+from lusscore.stages.common import StageContext, add_run_arguments, record_step, start_run
 from lusscore.stages.evaluate import prediction_splits
 from lusscore.models.pass_models import SegmentationModel, load_segmentation_checkpoint
-from lusscore.utils import LusscoreError, progress_bar
+from lusscore.utils import progress_bar, remove_temp_files
 
 MAX_SIDE = 1000
 
@@ -41,23 +41,19 @@ def predict_map(model, x: torch.Tensor, size: tuple[int, int], rt: Runtime) -> t
     return pred[0].cpu()
 
 
-def prediction_is_valid(path: Path, size: tuple[int, int]) -> bool:
-    try:
-        return image_size(path) == tuple(size)
-    except (OSError, LusscoreError):
-        return False
-
-
 def predict_split(model, samples, out_dir: Path, rt: Runtime, resize: int = 256) -> int:
     """Write one prediction per sample (sharded over ranks); returns how many were written."""
     model.eval()
+    if rt.is_main:  # what a killed run left half-written
+        remove_temp_files(out_dir)
+    rt.barrier()
     todo = [s for s in samples[rt.rank::rt.world_size]]
     dataset = InferenceImages([s.image for s in todo], resize=resize)
     written = 0
     for i in progress_bar(range(len(dataset)), desc="infer", disable=not rt.is_main, unit="img"):
         target = out_dir / todo[i].name
         size = image_size(todo[i].image)
-        if prediction_is_valid(target, size):
+        if label_png_valid(target, size):
             continue
         x, _, _ = dataset[i]
         write_label_png(target, predict_map(model, x[None], size, rt))
@@ -77,6 +73,8 @@ def predict_protocol(ctx: StageContext, model, protocol: str = "unsupervised") -
     for split in prediction_splits(ctx.dataset):
         predict_split(model, ctx.dataset.prediction_samples(split),
                       ctx.run.predictions(protocol, split), ctx.rt, resize=resize)
+    if protocol == "unsupervised":
+        record_step(ctx, "infer")
 
 
 def add_arguments(parser):
@@ -89,5 +87,6 @@ def main(args):
     out_dir = ctx.run.predictions("unsupervised", args.split)
     n = predict_split(load_segmentation_model(ctx), ctx.dataset.prediction_samples(args.split),
                       out_dir, ctx.rt, resize=ctx.cfg["infer"]["resize"])
+    record_step(ctx, "infer")
     if ctx.rt.is_main:
         print(f"infer: wrote {n} predictions to {out_dir}")

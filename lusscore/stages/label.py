@@ -25,13 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from lusscore.data import ImageNetS, image_size, write_label_png
+from lusscore.data.label_io import label_png_valid
 from lusscore.data.transforms import load_image_tensor, resized_size
 from lusscore.engine import setup_runtime
 from lusscore.ops.attention_pool import attention_pool
-from lusscore.utils import LusscoreError, atomic_path
+from lusscore.stages.common import record_step, start_run
+from lusscore.utils import LusscoreError, atomic_path, remove_temp_files
 
 @dataclass(frozen=True)
 class LabelItem:
@@ -84,20 +85,17 @@ def plan_items(image_paths: list[Path], split_root: Path, out_dir: Path,
 
 
 def output_valid(item: LabelItem, image_hw: tuple[int, int]) -> bool:
-    """True when the item's PNG (and .npy if wanted) exist and their headers fit the image.
-
-    Headers suffice: this stage writes every file atomically, so a present file is whole.
-    """
-    try:
-        with Image.open(item.label) as im:
-            if im.format != "PNG" or im.mode != "RGB" or (im.height, im.width) != tuple(image_hw):
-                return False
-        if item.attention is not None:
-            att = np.load(item.attention, mmap_mode="r")
-            if att.ndim != 2 or att.dtype != np.float32:
-                return False
-    except (OSError, ValueError, SyntaxError):
+    """True when the item's PNG (and .npy if wanted) decode whole and fit the image: a file
+    damaged outside this stage's atomic writes is redone, never skipped."""
+    if not label_png_valid(item.label, image_hw):
         return False
+    if item.attention is not None:
+        try:
+            att = np.load(item.attention)
+        except (OSError, ValueError, EOFError):
+            return False
+        if att.ndim != 2 or att.dtype != np.float32:
+            return False
     return True
 
 
@@ -229,6 +227,9 @@ def label_split(ctx, split: str, tau: float, save_attention: bool) -> dict:
     else:
         images = [s.image for s in ds.segmentation_samples(split)]
     items = plan_items(images, ds.split_dir(split), ctx.run.labels(split), save_attention)
+    if ctx.rt.is_main:  # what a killed run left half-written
+        remove_temp_files(ctx.run.labels(split))
+    ctx.rt.barrier()
     backbone, attention, _ = load_attention_checkpoint(ctx.run.checkpoint("attention"))
     lcfg = ctx.cfg["label"]
     stats = label_images(backbone, attention, load_centroids(ctx.run.centroids),
@@ -237,6 +238,8 @@ def label_split(ctx, split: str, tau: float, save_attention: bool) -> dict:
                          workers=ctx.cfg["data"]["workers"], amp=ctx.rt.device.type == "cuda",
                          progress=ctx.rt.is_main)
     ctx.rt.barrier()
+    if split == "train":  # the validation labels belong to the tau sweep
+        record_step(ctx, "label")
     return stats
 
 
@@ -276,7 +279,6 @@ def add_arguments(parser):
 def main_run_dir(args) -> None:
     """--run-dir: label a split from the run folder, tau from the run's config (the sweep's)."""
     from argparse import Namespace
-    from lusscore.stages.common import start_run
     given = [f for f, v in (("--data", args.data), ("--checkpoint", args.checkpoint),
                             ("--centroids", args.centroids), ("--out", args.out),
                             ("--num-classes", args.num_classes)) if v is not None]
@@ -313,6 +315,9 @@ def main(args):
     dataset = ImageNetS(args.data, num_classes=args.num_classes)
     images = [p for p, _ in dataset.image_samples(args.split)]
     items = plan_items(images, dataset.split_dir(args.split), Path(args.out), args.save_attention)
+    if rt.is_main:  # what a killed run left half-written
+        remove_temp_files(args.out)
+    rt.barrier()
     mine = shard(items, rank, world)
     stats = label_images(backbone, attention, centroids, mine, float(tau), device=device,
                          batch_size=args.batch_size, resize=args.resize, workers=args.workers,

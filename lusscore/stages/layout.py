@@ -31,6 +31,42 @@ PROTOCOLS = ("unsupervised", "semi", "distance_match")
 EVAL_SPLITS = ("validation", "test")
 TRAINING_STAGES = ("pretrain", "attention", "finetune", "semi")
 
+# The steps of a run whose outputs depend on the config, each after the step it starts from,
+# with the config keys (sections or dotted keys) its outputs depend on beyond that step's.
+# Keys that change no output are not listed: data.workers, ops, how the protocols are scored
+# (distance_match.match), and data.root (a dataset that moved keeps its run folder).
+STEPS = {
+    "pretrain": (None, ("seed", "data.num_classes", "model", "pretrain")),
+    "attention": ("pretrain", ("attention",)),
+    "cluster": ("attention", ("cluster",)),
+    "sweep_tau": ("cluster", ("label.sweep", "label.resize")),
+    "label": ("sweep_tau", ("label.tau",)),  # the swept tau, or the config's without a sweep
+    "finetune": ("label", ("finetune",)),
+    "infer": ("finetune", ("infer",)),
+    "semi": ("pretrain", ("semi", "infer")),
+    "distance_match": ("pretrain", ("distance_match.k", "distance_match.temperature",
+                                    "distance_match.stride", "distance_match.resize")),
+}
+
+
+def step_keys(step: str) -> tuple[str, ...]:
+    """Every config key a step's outputs depend on, its upstream steps' included."""
+    keys = []
+    while step is not None:
+        upstream, own = STEPS[step]
+        keys = list(own) + keys
+        step = upstream
+    return tuple(keys)
+
+
+def downstream(step: str) -> list[str]:
+    """The step and every step that starts from it, in run order."""
+    out = [step]
+    for s, (upstream, _) in STEPS.items():
+        if upstream in out and s not in out:
+            out.append(s)
+    return out
+
 
 class RunDir:
     """A run folder: the path of each artefact and whether each step is complete."""
@@ -138,6 +174,28 @@ class RunDir:
     def baselines(self, split: str = "validation") -> Path:
         """The trivial floors of a split, beside the unsupervised protocol's metrics.json."""
         return self.metrics("unsupervised", split).with_name("baselines.json")
+
+    @property
+    def fingerprints(self) -> Path:
+        """{step: {config key: value}} of every step completed in this folder."""
+        return self.root / "fingerprints.json"
+
+    def outputs(self, step: str) -> list[Path]:
+        """What a step writes (its checkpoint, log, folders and files): what --redo-from
+        removes."""
+        if step in TRAINING_STAGES:
+            ck = self.checkpoint(step)
+            paths = [ck, ck.with_suffix(".yaml"), self.training_log(step)]
+            return paths + ([self.protocol_dir("semi")] if step == "semi" else [])
+        return {
+            "cluster": [self.cluster_dir],
+            "sweep_tau": [self.labels("validation"), self.sweep, self.sweep_plot, self.attention_score],
+            "label": [self.labels("train")],
+            "infer": [self.predictions("unsupervised", s) for s in EVAL_SPLITS]
+                     + [self.metrics("unsupervised", s) for s in EVAL_SPLITS]
+                     + [self.match("unsupervised"), self.submission("unsupervised")],
+            "distance_match": [self.protocol_dir("distance_match")],
+        }[step]
 
     # completeness: one definition per kind of step
     def stage_done(self, stage: str) -> bool:

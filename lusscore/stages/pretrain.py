@@ -18,7 +18,7 @@ from lusscore.losses.pass_loss import SwAVQueue, add_p2p, pass_losses, queue_len
 from lusscore.models.pass_models import PASSPretrainModel
 from lusscore.ops.switch import ops_from_config
 from lusscore.optim import LARS, cosine_schedule
-from lusscore.stages.common import StageContext, add_run_arguments, start_run, train_stage
+from lusscore.stages.common import StageContext, add_run_arguments, record_step, start_run, train_stage
 
 
 class ImageFiles(Dataset):
@@ -108,7 +108,10 @@ class PretrainTrainer(Trainer):
 def pretrain(ctx: StageContext, samples: list[tuple[Path, int]] | None = None) -> nn.Module:
     """Train (or resume) <run>/pretrain.pt on samples (default: the train split)."""
     samples = ctx.dataset.image_samples("train") if samples is None else samples
-    return train_epochs(PretrainTrainer(ctx.cfg, ctx.rt, samples), ctx.run, ctx.rt, ctx.cfg)
+    ctx.seed_stage("pretrain")
+    model = train_epochs(PretrainTrainer(ctx.cfg, ctx.rt, samples), ctx.run, ctx.rt, ctx.cfg)
+    record_step(ctx, "pretrain")
+    return model
 
 
 add_arguments = add_run_arguments

@@ -27,7 +27,8 @@ from lusscore.ops.switch import ops_from_config
 # The stages as modules, their functions looked up when called (so a test can replace one).
 from lusscore.stages import (attention, baselines, cluster, distance_match, finetune, infer,
                              label, pretrain, semi, sweep_tau)
-from lusscore.stages.common import PROTOCOLS, StageContext, StageTimings, open_run, train_stage
+from lusscore.stages.common import (PROTOCOLS, STEPS, RunDir, StageContext, StageTimings, open_run,
+                                    redo_from, train_stage)
 from lusscore.stages.evaluate import (evaluate_protocol, format_protocols, json_ready,
                                       prediction_splits, scored_splits, skipped_test_reason,
                                       summarize)
@@ -123,7 +124,14 @@ def add_arguments(parser):
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable)")
     parser.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    parser.add_argument("--redo-from", default=None, metavar="STEP", choices=list(STEPS),
+                        help="remove the outputs of STEP and of every step after it, then run "
+                             f"(to change their settings in this run folder): {', '.join(STEPS)}")
 
 
 def main(args):
-    run_pipeline(open_run(args, apply_overrides(load_config(args.config), args.set)))
+    cfg = apply_overrides(load_config(args.config), args.set)
+    if args.redo_from is not None:
+        redone = redo_from(RunDir(args.run_dir), args.redo_from)
+        print(f"[luss run] redo: removed the outputs of {', '.join(redone)}", flush=True)
+    run_pipeline(open_run(args, cfg))

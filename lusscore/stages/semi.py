@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from lusscore.stages.common import StageContext, add_run_arguments, start_run
+from lusscore.stages.common import StageContext, add_run_arguments, record_step, start_run
 from lusscore.stages.evaluate import evaluate_protocol
 from lusscore.stages.finetune import build_segmentation_model, train_segmentation
 from lusscore.stages.infer import load_segmentation_model, predict_split
@@ -29,8 +29,11 @@ def semi_pairs(ctx: StageContext) -> list[tuple[Path, Path]]:
 
 
 def train_semi(ctx: StageContext) -> nn.Module:
+    ctx.seed_stage(SECTION)
     model = build_segmentation_model(ctx, ctx.cfg[SECTION]["init"], SECTION)
-    return train_segmentation(ctx, SECTION, semi_pairs(ctx), model)
+    model = train_segmentation(ctx, SECTION, semi_pairs(ctx), model)
+    record_step(ctx, SECTION)
+    return model
 
 
 def run_semi(ctx: StageContext, split: str = "validation") -> dict | None:

@@ -22,7 +22,7 @@ from PIL import Image
 from lusscore.data.label_io import MAX_LABEL_ID, encode_label_rgb, image_size, read_label_png
 from lusscore.engine import Runtime
 from lusscore.stages.common import PROTOCOLS, StageContext, resolve_config
-from lusscore.utils import LusscoreError, atomic_path
+from lusscore.utils import LusscoreError, atomic_path, files_under
 
 SPLIT = "test"
 MAX_LISTED = 20
@@ -38,8 +38,7 @@ def check_predictions(samples, pred_dir: Path) -> None:
         raise FileNotFoundError(f"no test predictions: {pred_dir} not found (run `luss infer "
                                 "--split test` or `luss run` first)")
     expected = {s.name for s in samples}
-    found = [p.relative_to(pred_dir).as_posix() for p in pred_dir.rglob("*")
-             if p.is_file() and p.suffix.lower() == ".png"]
+    found = [p.relative_to(pred_dir).as_posix() for p in files_under(pred_dir, (".png",))]
     missing = sorted(expected - set(found))
     extra = sorted(set(found) - expected)
     problems = []

@@ -20,7 +20,8 @@ from lusscore.data.label_io import read_label_png
 from lusscore.diagnostics import attention_foreground, format_foreground
 from lusscore.metrics import ThresholdSweep
 from lusscore.ops.switch import ops_from_config
-from lusscore.stages.common import RunDir, StageContext, add_run_arguments, resolve_config, start_run
+from lusscore.stages.common import (RunDir, StageContext, add_run_arguments, record_step,
+                                    resolve_config, start_run)
 from lusscore.stages.evaluate import json_ready
 from lusscore.stages.label import label_split
 from lusscore.utils import LusscoreError, atomic_path, atomic_write_text, progress_bar
@@ -84,7 +85,8 @@ def run_sweep(ctx: StageContext) -> dict:
                ("mIoU", "mBIoU", "Acc", "FMeasure")}, "table": table}
     plot(result, ctx.run.sweep_plot)
     record_tau(ctx.run, cfg, summary)
-    atomic_write_text(ctx.run.sweep, json.dumps(summary, indent=1))  # last: marks the sweep done
+    atomic_write_text(ctx.run.sweep, json.dumps(summary, indent=1))  # marks the sweep done
+    record_step(ctx, "sweep_tau")
     return summary
 
 
