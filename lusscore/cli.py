@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv[1:])
     try:
         return module.main(args) or 0
-    except (LusscoreError, FileNotFoundError) as e:
+    except (LusscoreError, OSError) as e:  # bad input, or a file that cannot be read or written
         print(f"luss {name}: error: {e}", file=sys.stderr)
         return 2
 

@@ -89,8 +89,35 @@ def apply_overrides(cfg: dict, overrides: list[str] | None) -> dict:
         if parts[-1] not in node:
             known = ", ".join(sorted(node))
             raise LusscoreError(f"--set {key}: unknown key {parts[-1]!r} (known here: {known})")
-        node[parts[-1]] = parse_value(value)
+        node[parts[-1]] = checked_value(key, node[parts[-1]], parse_value(value))
     return cfg
+
+
+def _kind(value) -> str:
+    if isinstance(value, bool):
+        return "true or false"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a number"
+    return {str: "a string", list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def checked_value(key: str, current, new):
+    """new, if it is of current's kind (an integer for an integer, a number for a number, ...);
+    null is always accepted, and so is anything where the config holds null."""
+    if new is None or current is None:
+        return new
+    if isinstance(current, bool) or not isinstance(current, (int, float)):
+        ok = type(new) is type(current) or (isinstance(current, (list, tuple)) and isinstance(new, (list, tuple)))
+    elif isinstance(current, int):
+        ok = isinstance(new, int) and not isinstance(new, bool)
+    else:  # a float: an integer is a number too
+        ok = isinstance(new, (int, float)) and not isinstance(new, bool)
+    if not ok:
+        raise LusscoreError(f"--set {key}: expected {_kind(current)} (the config has {current!r}), "
+                            f"got {new!r}")
+    return float(new) if isinstance(current, float) else new
 
 
 def save_config(path: str | os.PathLike, cfg: dict) -> None:

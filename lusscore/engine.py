@@ -65,7 +65,15 @@ def setup_runtime(device: str | None = None) -> Runtime:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LusscoreError(f"--device {device!r} is not a device: cpu, cuda or cuda:N") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise LusscoreError(f"--device {device!r}: lusscore runs on cpu or cuda, not {dev.type}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LusscoreError(f"--device {device}: no usable GPU here (torch "
+                            f"{torch.__version__}, CUDA build {torch.version.cuda}); use --device cpu")
     if dev.type == "cuda":
         dev = torch.device("cuda", local_rank if dev.index is None else dev.index)
         torch.cuda.set_device(dev)

@@ -95,13 +95,19 @@ LOG_INTERVAL_S = 30  # a redirected bar writes at most one line per bar this oft
 
 def progress_bar(iterable=None, **kwargs):
     """tqdm on a terminal; on a redirected stderr, one plain line per LOG_INTERVAL_S (postfix
-    updates included) and one at the end, so logs stay readable. TQDM_DISABLE=1 turns every
-    bar off."""
+    updates included) and one with the final state, so logs stay readable. TQDM_DISABLE=1
+    turns every bar off."""
     from tqdm import tqdm
 
     class LogBar(tqdm):
         def set_postfix(self, ordered_dict=None, refresh=True, **values):
             super().set_postfix(ordered_dict, refresh=False, **values)  # the interval decides
+
+        def close(self):
+            if not self.disable and self.n:
+                self.refresh()  # the final state, as one line
+                self.leave = False  # printed: tqdm's own last frame would repeat it
+            super().close()
 
     if os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes"):
         kwargs["disable"] = True
@@ -109,5 +115,6 @@ def progress_bar(iterable=None, **kwargs):
         return tqdm(iterable, **kwargs)
     kwargs.setdefault("file", _LogLines())
     kwargs.setdefault("mininterval", LOG_INTERVAL_S)
+    kwargs.setdefault("delay", LOG_INTERVAL_S)  # no "0%" line for what ends sooner
     kwargs.setdefault("ncols", 100)
     return LogBar(iterable, **kwargs)

@@ -24,3 +24,28 @@ def test_bad_input_is_a_clear_error(tmp_path, capsys):
     assert err.startswith("luss synth: error:") and "classes" in err
     assert main(["no-such-command"]) == 2
     assert "unknown command" in capsys.readouterr().err
+
+
+def test_bad_settings_devices_and_outputs_are_clear_errors(tmp_path, capsys):
+    import os
+    run = tmp_path / "run"
+    for override, said in (("pretrain.epochs=abc", "expected an integer (the config has 12), got 'abc'"),
+                           ("pretrain.epochs=2.5", "expected an integer"),
+                           ("pretrain.base_lr=abc", "expected a number")):
+        assert main(["pretrain", "--run-dir", str(run), "--config", "demo", "--set", override]) == 2
+        assert f"--set {override.split('=')[0]}: {said}" in capsys.readouterr().err
+    import torch
+    for device, said in (("tpu", "is not a device"), ("cuda:7", "no usable GPU")):
+        if device.startswith("cuda") and torch.cuda.is_available():
+            continue
+        assert main(["pretrain", "--run-dir", str(run), "--config", "demo", "--device", device]) == 2
+        assert said in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")  # a parent that is a file
+    assert main(["synth", str(blocker / "data"), "--classes", "1", "--train-per-class", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("luss synth: error:") and "Traceback" not in err
+    if os.geteuid() != 0:  # root writes anywhere
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        assert main(["synth", str(locked / "data"), "--classes", "1", "--train-per-class", "1"]) == 2

@@ -547,3 +547,14 @@ def test_distributed_two_ranks_match_one(init):
     assert torch.allclose(c0, single.centroids, atol=1e-5)
     assert all(math.isclose(a, b, rel_tol=1e-6) for a, b in zip(h0, single.objective_history))
     assert torch.equal(torch.cat([l0, l1]), single.labels_)
+
+
+def test_non_finite_rows_and_centroids_are_errors_naming_the_row(device):
+    from lusscore.utils import LusscoreError
+    x, c = kmeans_points(20, 6, device=device), kmeans_points(4, 6, seed=1, device=device)
+    c[3, 0] = float("nan")
+    with pytest.raises(LusscoreError, match="centroids: row 3 holds NaN"):
+        ops.kmeans_assign(x, c, "l2")
+    x[7, 5] = float("inf")
+    with pytest.raises(LusscoreError, match="x: row 7 holds NaN or infinite"):
+        ops.kmeans_assign(x, c[:3], "ip")

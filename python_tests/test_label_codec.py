@@ -67,9 +67,6 @@ def test_png_round_trip_torch_and_large_random(tmp_path):
     label = torch.randint(0, 65536, (33, 47))
     write_label_png(tmp_path / "t.png", label)
     assert np.array_equal(read_label_png(tmp_path / "t.png"), label.numpy())
-    rgba = np.dstack([encode_label_rgb(label.numpy()), np.full((33, 47), 255, np.uint8)])
-    Image.fromarray(rgba).save(tmp_path / "rgba.png")
-    assert np.array_equal(read_label_png(tmp_path / "rgba.png"), label.numpy())
     assert np.array_equal(decode_label_rgb(encode_label_rgb(label.numpy())), label.numpy())
 
 
@@ -88,6 +85,19 @@ def test_png_errors_name_the_file(tmp_path):
         read_label_png(bad)
     with pytest.raises(FileNotFoundError, match="missing.png"):
         read_label_png(tmp_path / "missing.png")
+    rgba = tmp_path / "rgba.png"
+    Image.fromarray(np.dstack([encode_label_rgb(np.ones((4, 4), np.int64)),
+                               np.full((4, 4), 255, np.uint8)])).save(rgba)
+    with pytest.raises(LusscoreError, match="rgba.png: label PNGs must be RGB.*'RGBA' \\(an alpha"):
+        read_label_png(rgba)
+    blue = encode_label_rgb(np.ones((4, 4), np.int64))
+    blue[2, 3, 2] = 7
+    Image.fromarray(blue).save(tmp_path / "blue.png")
+    with pytest.raises(LusscoreError, match=r"blue.png: blue is 7 at \(row 2, column 3\)"):
+        read_label_png(tmp_path / "blue.png")
+    Image.fromarray(encode_label_rgb(np.ones((4, 4), np.int64))).save(tmp_path / "lossy.png", format="JPEG")
+    with pytest.raises(LusscoreError, match="lossy.png: a JPEG file, not a PNG"):
+        read_label_png(tmp_path / "lossy.png")
     ok = tmp_path / "ok.png"
     write_label_png(ok, np.zeros((4, 6), np.int64))
     with pytest.raises(LusscoreError, match="ok.png: label size 4x6.*5x6"):

@@ -299,6 +299,7 @@ def test_killed_and_resumed_runs_reproduce_the_uninterrupted_run_bit_for_bit(tin
     train, each time resumed with other global RNG state (a fresh process): the same
     checkpoints, labels and metrics as one uninterrupted run."""
     import hashlib
+    import threading
     from lusscore.engine import StageCheckpoint
     from lusscore.stages import label as label_stage
     longer = ["attention.epochs=2", "finetune.epochs=2", "semi.epochs=2"]
@@ -316,13 +317,16 @@ def test_killed_and_resumed_runs_reproduce_the_uninterrupted_run_bit_for_bit(tin
             killed.append(self.path.stem)
             raise Killed(self.path.stem)
 
+    lock = threading.Lock()  # PNGs are written by a pool of threads
+
     def write_then_kill(item, label, attention):
         original_write(item, label, attention)
-        if "labels/train" in item.label.as_posix() and "label" not in killed:
-            written = sum(1 for _ in (run_b / "labels" / "train").rglob("*.png"))
-            if written >= 5:
-                killed.append("label")
-                raise Killed("label")
+        with lock:
+            if "labels/train" in item.label.as_posix() and "label" not in killed:
+                written = sum(1 for _ in (run_b / "labels" / "train").rglob("*.png"))
+                if written >= 5:
+                    killed.append("label")
+                    raise Killed("label")
 
     monkeypatch.setattr(StageCheckpoint, "save", save_then_kill)
     monkeypatch.setattr(label_stage, "_write_outputs", write_then_kill)

@@ -55,17 +55,27 @@ def read_label_png(path: str | os.PathLike, dtype=np.int64,
     try:
         with Image.open(path) as im:
             mode = im.mode
+            if im.format != "PNG":  # e.g. JPEG bytes named .png: lossy, so not ids
+                raise LusscoreError(f"{path}: a {im.format} file, not a PNG; label maps must be "
+                                    "lossless RGB PNGs (write them with lusscore.data.write_label_png)")
             if mode in ("L", "P", "1", "I", "I;16", "LA", "PA"):
                 raise LusscoreError(
                     f"{path}: label PNGs must be RGB (id = R + 256*G), got a {mode!r} "
                     f"(grayscale/palette) image; convert it with lusscore.data.write_label_png")
-            if mode not in ("RGB", "RGBA"):
-                raise LusscoreError(f"{path}: unsupported label PNG mode {mode!r}, expected RGB")
-            rgb = np.asarray(im.convert("RGB") if mode == "RGBA" else im)
+            if mode != "RGB":
+                raise LusscoreError(f"{path}: label PNGs must be RGB (id = R + 256*G), got mode "
+                                    f"{mode!r}" + (" (an alpha channel)" if "A" in mode else ""))
+            rgb = np.asarray(im)
     except FileNotFoundError:
         raise FileNotFoundError(f"label file not found: {path}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
         raise LusscoreError(f"{path}: cannot read label PNG ({e})") from None
+    blue = np.flatnonzero(rgb[..., 2])
+    if blue.size:  # B = 0 in the encoding: a non-zero blue means the file is not a label map
+        y, x = divmod(int(blue[0]), rgb.shape[1])
+        raise LusscoreError(f"{path}: blue is {rgb[y, x, 2]} at (row {y}, column {x}); label PNGs "
+                            "encode id = R + 256*G with B = 0 (not a label map, or a colour "
+                            "visualisation of one)")
     label = decode_label_rgb(rgb, dtype=dtype)
     if expected_size is not None and tuple(label.shape) != tuple(expected_size):
         raise LusscoreError(

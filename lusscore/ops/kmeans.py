@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from lusscore.ops.switch import reference_enabled
+from lusscore.utils import LusscoreError
 from lusscore.reference import kmeans as _reference
 
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -48,8 +49,24 @@ def _kmeans_update_fake(x, labels, k):
     return x.new_empty((k, x.shape[1]), dtype=sum_type), labels.new_empty((k,))
 
 
+def check_finite_rows(what: str, t: torch.Tensor) -> None:
+    """An error naming the first row of t with a NaN or infinity (one reduction; skipped while
+    torch.compile traces)."""
+    if torch.compiler.is_compiling() or t.numel() == 0 or not t.is_floating_point():
+        return
+    bad = ~torch.isfinite(t.reshape(t.shape[0], -1)).all(dim=1)
+    if bool(bad.any()):
+        rows = bad.nonzero()[:, 0]
+        raise LusscoreError(f"{what}: row {int(rows[0])} holds NaN or infinite values "
+                            f"({rows.numel()} such row(s) of {t.shape[0]})")
+
+
 def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, metric: str = "l2"):
-    """Nearest centroid per row: (labels int64 (N), squared distance or similarity (N))."""
+    """Nearest centroid per row: (labels int64 (N), squared distance or similarity (N)).
+    A NaN or infinity in x or the centroids is an error naming its row (a NaN centroid
+    would otherwise send every row to label 0)."""
+    check_finite_rows("kmeans_assign centroids", centroids)
+    check_finite_rows("kmeans_assign x", x)
     if reference_enabled():
         _kmeans_assign_fake(x, centroids, metric)  # the op's checks
         labels, values = _reference.kmeans_assign(x, centroids, metric)

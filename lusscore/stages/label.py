@@ -31,6 +31,7 @@ from lusscore.data.label_io import label_png_valid
 from lusscore.data.transforms import load_image_tensor, resized_size
 from lusscore.engine import setup_runtime
 from lusscore.ops.attention_pool import attention_pool
+from lusscore.ops.kmeans import check_finite_rows
 from lusscore.stages.common import record_step, start_run
 from lusscore.utils import LusscoreError, atomic_path, remove_temp_files
 
@@ -151,6 +152,7 @@ def label_images(backbone, attention, centroids, items: list[LabelItem], tau: fl
     if centroids.dim() != 2 or centroids.shape[1] != attention.channels:
         raise LusscoreError(f"centroids must have shape (K, {attention.channels}), got "
                             f"{tuple(centroids.shape)}")
+    check_finite_rows("centroids", centroids)
     if centroids.shape[0] + 1 > 65535:
         raise LusscoreError(f"at most 65534 centroids fit a label PNG, got {centroids.shape[0]}")
     if not math.isfinite(tau):
