@@ -78,8 +78,12 @@ if mode == "1" and not build_cuda:
     sys.exit("LUSSCORE_BUILD_CUDA=1 but CUDA can't be built: "
              + ("torch is a CPU-only build" if not torch_has_cuda else "no CUDA toolkit found "
                 "(set CUDA_HOME or put nvcc on PATH)"))
-if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-    os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCHS
+if build_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+    # The visible GPUs' archs (what torch would pick, written down so that build_info() and
+    # the tests know them), else the default list for a machine without a GPU.
+    visible = sorted({"%d.%d" % torch.cuda.get_device_capability(i)
+                      for i in range(torch.cuda.device_count())}) if torch.cuda.is_available() else []
+    os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(visible) or DEFAULT_ARCHS
 archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "native GPU") if build_cuda else ""
 
 print(f"lusscore build: torch {torch.__version__} (CUDA {torch.version.cuda}), "

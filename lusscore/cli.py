@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lusscore.utils import LusscoreError
@@ -53,12 +54,22 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog=f"luss {name}", description=module.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     module.add_arguments(parser)
+    if not any("--quiet" in action.option_strings for action in parser._actions):
+        parser.add_argument("--quiet", action="store_true", help="no progress bars")
     args = parser.parse_args(argv[1:])
+    before = os.environ.get("TQDM_DISABLE")
+    if args.quiet:  # every progress bar of the command (lusscore.utils.progress_bar)
+        os.environ["TQDM_DISABLE"] = "1"
     try:
         return module.main(args) or 0
     except (LusscoreError, OSError) as e:  # bad input, or a file that cannot be read or written
         print(f"luss {name}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        if before is None:
+            os.environ.pop("TQDM_DISABLE", None)
+        else:
+            os.environ["TQDM_DISABLE"] = before
 
 
 if __name__ == "__main__":

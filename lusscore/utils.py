@@ -51,13 +51,21 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it over `path` only on success.
 
     A crash or exception leaves `path` untouched (old content or absent), never half-written.
+    A symlink keeps pointing where it did (its target is written), an existing file keeps
+    its mode, and what is not a regular file (/dev/stdout, a FIFO) is written through.
     """
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
+    if path.exists() and not path.is_file():
+        yield path  # nothing to rename over: a device or a pipe takes the bytes as they come
+        return
+    mode = path.stat().st_mode & 0o7777 if path.is_file() else _FILE_MODE
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, _FILE_MODE)
+    os.chmod(tmp_path, mode)
     try:
         yield tmp_path
         os.replace(tmp_path, path)

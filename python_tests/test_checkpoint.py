@@ -51,3 +51,26 @@ def test_atomic_write_keeps_the_usual_file_mode(tmp_path):
     atomic_write_text(tmp_path / "atomic.txt", "x")
     mode = stat.S_IMODE((tmp_path / "atomic.txt").stat().st_mode)
     assert mode == stat.S_IMODE((tmp_path / "plain.txt").stat().st_mode), oct(mode)
+
+
+def test_atomic_writes_keep_links_modes_and_special_files(tmp_path):
+    import os
+    import stat
+    from lusscore.utils import atomic_write_text
+    target = tmp_path / "real.json"
+    target.write_text("old")
+    os.chmod(target, 0o640)
+    link = tmp_path / "link.json"
+    link.symlink_to(target)
+    atomic_write_text(link, "new")
+    assert link.is_symlink() and target.read_text() == "new"  # the link still points there
+    assert stat.S_IMODE(target.stat().st_mode) == 0o640  # and the file kept its mode
+    atomic_write_text(os.devnull, "through")  # a device: written through, never replaced
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    atomic_write_text(fifo, "to a pipe")
+    assert os.read(reader, 100) == b"to a pipe" and stat.S_ISFIFO(fifo.stat().st_mode)
+    os.close(reader)
+    assert not list(tmp_path.glob(".*.tmp*"))

@@ -49,3 +49,11 @@ def test_bad_settings_devices_and_outputs_are_clear_errors(tmp_path, capsys):
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         assert main(["synth", str(locked / "data"), "--classes", "1", "--train-per-class", "1"]) == 2
+
+
+def test_every_command_takes_quiet(tmp_path, capsys):
+    assert main(["synth", str(tmp_path / "d"), "--classes", "1", "--train-per-class", "2",
+                 "--quiet"]) == 0
+    assert "synth:" not in capsys.readouterr().err  # no progress bar
+    assert main(["synth", str(tmp_path / "e"), "--classes", "1", "--train-per-class", "2"]) == 0
+    assert "synth:" in capsys.readouterr().err

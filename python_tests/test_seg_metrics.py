@@ -458,3 +458,23 @@ def test_state_merge_equals_one_pass():
     got, want = merged.compute(), whole.compute()
     assert all(got[k] == pytest.approx(want[k], nan_ok=True) for k in KEYS)
     assert got["out_of_range_ids"] == [-2, 9, 15]
+
+
+def test_ids_past_c_without_a_match_name_the_file(small_set, capsys):
+    gt_dir, pred_dir, names = small_set
+    pred = read_label_png(pred_dir / names[1])
+    pred[0, 0] = C + 3
+    write_label_png(pred_dir / names[1], pred)
+    assert _cli(gt_dir, pred_dir) == 0  # scored like the official evaluator (its fixtures)
+    out = capsys.readouterr().out
+    assert f"predicted ids outside 0..{C}: [{C + 3}], first in {pred_dir / names[1]}" in out
+
+
+def test_num_classes_far_above_the_ids_present_is_said(small_set, capsys):
+    gt_dir, pred_dir, names = small_set
+    assert _cli(gt_dir, pred_dir) == 0
+    assert "warning: --num-classes" not in capsys.readouterr().out
+    assert luss(["evaluate", "--gt", str(gt_dir), "--pred", str(pred_dir), "--num-classes",
+                 str(10 * (C + 1)), "--workers", "0", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: --num-classes {10 * (C + 1)}, but the GT and the predictions hold ids" in out

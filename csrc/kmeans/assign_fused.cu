@@ -439,7 +439,14 @@ bool use_fused(int64_t n, int64_t k, int64_t d) {
                    prop->sharedMemPerBlockOptin >= static_cast<size_t>(fused::kSmemBytes);
   const char* env = std::getenv("LUSSCORE_KMEANS_ASSIGN");
   if (env != nullptr && std::string(env) == "buffered") return false;
-  if (env != nullptr && std::string(env) == "fused") return can;
+  if (env != nullptr && std::string(env) == "fused") {
+    // Forced (tests, benchmarks): a silent fallback would compare buffered with buffered.
+    TORCH_CHECK(can, "kmeans_assign: LUSSCORE_KMEANS_ASSIGN=fused, but the fused kernel cannot run "
+                "here: it needs sm_80 or newer (this GPU: sm_", prop->major, prop->minor, "), ",
+                fused::kSmemBytes, " bytes of shared memory per block (", prop->sharedMemPerBlockOptin,
+                " here), D >= 1 (", d, ") and K < 2^31 - ", fused::kBN, " (", k, ")");
+    return true;
+  }
   return can && (n + fused::kBM - 1) / fused::kBM >= prop->multiProcessorCount;
 }
 

@@ -248,7 +248,39 @@ def evaluate(gt_dir, pred_dir, num_classes: int, names=None, match="none", devic
         for r in ([result] if curve is None else result["results"]):
             r["match"] = used_match
     result["missing_predictions"] = missing
+    best = result["best"] if curve is not None else result
+    if match_arg is None and lut is None and best.get("out_of_range_ids"):
+        # Scored as the official evaluator scores them (dropped from the histograms, foreground
+        # for F); the file is named so that the warning can be acted on.
+        best["out_of_range_first"] = _first_out_of_range(pred_dir, labels, num_classes)
+    conf = (acc if curve is None else acc.evaluators[0]).region_conf[0]
+    best["ids_seen"] = {"gt": conf.sum(0).nonzero().flatten().tolist(),
+                          "pred": conf[:-1].sum(1).nonzero().flatten().tolist()}
     return result
+
+
+def _first_out_of_range(pred_dir: Path, labels: list[str], num_classes: int) -> str:
+    """The first prediction file holding an id outside 0..C (read again: an error path)."""
+    from lusscore.data.label_io import read_label_png
+    for name in labels:
+        path = pred_dir / name
+        if path.is_file():
+            pred = read_label_png(path)
+            if pred.size and (pred.min() < 0 or pred.max() > num_classes):
+                return str(path)
+    return "a prediction"
+
+
+def unused_classes_warning(result: dict, num_classes: int) -> str | None:
+    """A warning when C is far above every id the GT and the predictions hold: the mean then
+    runs over classes that are in neither (e.g. --num-classes 50 on a 3-class set)."""
+    seen = result.get("ids_seen") or {}
+    top = max(seen.get("gt", []) + seen.get("pred", []), default=0)
+    if num_classes <= 2 * max(top, 1):
+        return None
+    return (f"warning: --num-classes {num_classes}, but the GT and the predictions hold ids "
+            f"{sorted(set(seen.get('gt', [])) | set(seen.get('pred', [])))[:MAX_LISTED]} only: "
+            f"the means run over {num_classes} classes (is --num-classes right?)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -441,11 +473,15 @@ def main(args) -> int:
     if result.get("missing_predictions"):
         print(f"warning: {len(result['missing_predictions'])} missing prediction(s) scored as "
               "all 'other'")
-    if best.get("out_of_range_ids") and best["match"] is None:
+    if best.get("out_of_range_first"):
         ids = best["out_of_range_ids"]
         print(f"warning: predicted ids outside 0..{len(best['IoUs']) - 1}: {ids[:MAX_LISTED]}"
-              + (" ..." if len(ids) > MAX_LISTED else "")
-              + " (dropped from the histograms, foreground for F)")
+              + (" ..." if len(ids) > MAX_LISTED else "") + f", first in {best['out_of_range_first']}"
+              " (scored as the official evaluator does: dropped from the histograms, foreground "
+              "for F; without a match the ids must be GT ids)")
+    warning = unused_classes_warning(best, len(best["IoUs"]) - 1)
+    if warning:
+        print(warning)
     if args.save_match:
         if best["match"] is None:
             raise LusscoreError("--save-match needs --match hungarian or a match file")
