@@ -22,6 +22,17 @@ def device(request):
     return torch.device(request.param)
 
 
+@pytest.fixture(autouse=True)
+def fused_ops_around_each_test():
+    """Every test starts with the fused kernels, and none may leave the reference mode on."""
+    import lusscore.ops as ops
+    ops.set_ops_mode("fused")
+    yield
+    mode = ops.ops_mode()
+    ops.set_ops_mode("fused")
+    assert mode == "fused", "a test left the reference mode on"
+
+
 requires_cuda = pytest.mark.skipif(not cuda_usable(),
                                    reason="needs a CUDA GPU and lusscore built with CUDA kernels")
 

@@ -28,13 +28,6 @@ FUSED_OPS = ("attention_pool", "attention_pool_backward", "overlap_gather", "ove
              "kmeans_assign", "kmeans_update", "seg_metrics_update_", "rgb_to_label")
 
 
-@pytest.fixture(autouse=True)
-def fused_around_each_test():
-    ops.set_ops_mode("fused")
-    yield
-    assert ops.ops_mode() == "fused", "a test left the reference mode on"
-
-
 class KernelCalls(TorchDispatchMode):
     """Counts every torch.ops.lusscore kernel that reaches the dispatcher (backward included)."""
 

@@ -478,3 +478,11 @@ def test_num_classes_far_above_the_ids_present_is_said(small_set, capsys):
                  str(10 * (C + 1)), "--workers", "0", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert f"warning: --num-classes {10 * (C + 1)}, but the GT and the predictions hold ids" in out
+
+
+def test_munkres_opcheck_and_compile():
+    cost = torch.tensor([[4.0, 1.0, 3.0], [2.0, 0.0, 5.0], [3.0, 2.0, 2.0]])
+    torch.library.opcheck(torch.ops.lusscore.munkres_assign.default, (cost,))
+    compiled = torch.compile(lambda c: munkres_assign(c) * 1, fullgraph=True, backend="aot_eager")
+    assert torch.equal(compiled(cost), munkres_assign(cost))
+    assert munkres_assign(cost).tolist() == [1, 0, 2]
