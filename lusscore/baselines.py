@@ -126,7 +126,7 @@ def _write_predictions(samples, work: Path, km, other: int, num_classes: int, se
     lut[[c for c in range(num_classes + 1) if c != other]] = np.arange(1, num_classes + 1)
     disc_ids = np.random.default_rng([seed, 1]).integers(1, num_classes + 1, size=len(samples))
     for s, disc_id in progress_bar(list(zip(samples, disc_ids)), desc="baselines: write floors",
-                           unit="img", disable=quiet):
+                                   unit="img", disable=quiet):
         rgb = _read_rgb(s.image)
         h, w = rgb.shape[:2]
         ids = km.predict(torch.from_numpy(rgb.reshape(-1, 3)).float() / 255).cpu().numpy()

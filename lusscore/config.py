@@ -109,7 +109,8 @@ def checked_value(key: str, current, new):
     if new is None or current is None:
         return new
     if isinstance(current, bool) or not isinstance(current, (int, float)):
-        ok = type(new) is type(current) or (isinstance(current, (list, tuple)) and isinstance(new, (list, tuple)))
+        sequences = isinstance(current, (list, tuple)) and isinstance(new, (list, tuple))
+        ok = type(new) is type(current) or sequences
     elif isinstance(current, int):
         ok = isinstance(new, int) and not isinstance(new, bool)
     else:  # a float: an integer is a number too

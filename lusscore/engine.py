@@ -281,7 +281,7 @@ def train_epochs(trainer: Trainer, run, rt: Runtime, config: dict) -> nn.Module:
         trainer.start_epoch(epoch)
         trainer.model.train()
         bar = progress_bar(trainer.loader, desc=f"{name} {epoch + 1}/{trainer.epochs}",
-                   disable=not rt.is_main, leave=False)
+                           disable=not rt.is_main, leave=False)
         for it, batch in enumerate(bar):
             t0 = time.perf_counter()
             step = epoch * iters + it

@@ -178,7 +178,8 @@ def test_a_changed_config_never_reuses_stale_outputs(finished_run, tmp_path, tin
         assert cli.main(["run", str(given), "--run-dir", str(run), "--set", override]) == 2
         err = capsys.readouterr().err
         assert f"({key}: " in err and f"--redo-from {step}" in err, err
-    assert cli.main(["label", "--run-dir", str(run), "--split", "train", "--device", "cpu"]) == 0  # same config
+    # the same config: a stage command runs
+    assert cli.main(["label", "--run-dir", str(run), "--split", "train", "--device", "cpu"]) == 0
 
     kept = {n: (run / n).read_bytes() for n in ("pretrain.pt", "attention.pt")}
     assert cli.main(["run", str(given), "--run-dir", str(run), "--set", "cluster.k=2",
@@ -189,7 +190,8 @@ def test_a_changed_config_never_reuses_stale_outputs(finished_run, tmp_path, tin
     assert all((run / n).read_bytes() == b for n, b in kept.items())  # upstream steps untouched
     steps = json.loads((run / "fingerprints.json").read_text())
     assert steps["cluster"]["cluster"]["k"] == 2 and steps["finetune"]["cluster"]["k"] == 2
-    assert cli.main(["run", str(given), "--run-dir", str(run), "--set", "cluster.k=2", "--device", "cpu"]) == 0
+    assert cli.main(["run", str(given), "--run-dir", str(run), "--set", "cluster.k=2",
+                     "--device", "cpu"]) == 0
 
 
 def run_root(run):
