@@ -435,7 +435,7 @@ class KMeans:
                 bad += nonfinite.sum()
                 if first_bad is None and device.type == "cpu" and nonfinite.any():
                     first_bad = a + int(nonfinite.nonzero()[0])
-            lab, val = kmeans_assign(chunk, c, self.metric)
+            lab, val = kmeans_assign(chunk, c, self.metric, check_finite=False)  # checked above
             obj += val.sum(dtype=torch.float64)
             if want_update:
                 s, n = kmeans_update(chunk, lab, k)

@@ -61,12 +61,15 @@ def check_finite_rows(what: str, t: torch.Tensor) -> None:
                             f"({rows.numel()} such row(s) of {t.shape[0]})")
 
 
-def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, metric: str = "l2"):
+def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, metric: str = "l2",
+                  check_finite: bool = True):
     """Nearest centroid per row: (labels int64 (N), squared distance or similarity (N)).
     A NaN or infinity in x or the centroids is an error naming its row (a NaN centroid
-    would otherwise send every row to label 0)."""
-    check_finite_rows("kmeans_assign centroids", centroids)
-    check_finite_rows("kmeans_assign x", x)
+    would otherwise send every row to label 0). check_finite=False skips that pass (and its
+    device sync) for callers that checked already, e.g. the KMeans driver's iterations."""
+    if check_finite:
+        check_finite_rows("kmeans_assign centroids", centroids)
+        check_finite_rows("kmeans_assign x", x)
     if reference_enabled():
         _kmeans_assign_fake(x, centroids, metric)  # the op's checks
         labels, values = _reference.kmeans_assign(x, centroids, metric)
