@@ -117,3 +117,10 @@ def segmentation_pair(h: int = 375, w: int = 500, num_labels: int = 2, num_class
     flip = torch.rand(h, w, generator=g) < 0.05
     pred = torch.where(flip, torch.roll(pred, 3, dims=1), pred)
     return pred.contiguous(), gt
+
+
+def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, rel: float) -> None:
+    """got within rel of want, the absolute slack scaled by want's largest magnitude: a fixed
+    atol would pass an all-zero result where the values are small (e.g. bf16 gradients)."""
+    scale = want.detach().abs().max().item() if want.numel() else 0.0
+    torch.testing.assert_close(got.float(), want.float(), atol=rel * max(scale, 1e-30), rtol=rel)

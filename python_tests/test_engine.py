@@ -22,7 +22,8 @@ import pytest  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from lusscore.engine import Runtime, Trainer, make_loader, train_epochs, train_step  # noqa: E402
+from lusscore.engine import (Runtime, Trainer, make_loader, prepare_model, train_epochs,  # noqa: E402
+                             train_step)
 from lusscore.optim import cosine_schedule  # noqa: E402
 from lusscore.stages.layout import RunDir  # noqa: E402
 
@@ -134,3 +135,57 @@ def test_a_batch_larger_than_the_data_is_an_error_not_zero_steps(tmp_path):
     with pytest.raises(LusscoreError, match="pretrain: 24 training image.*pretrain.batch_size to at most 24"):
         train_epochs(trainer, RunDir(tmp_path), CPU, {})
     assert not (tmp_path / "pretrain.pt").exists()  # never marked done
+
+
+# ------------------------------------------------------------------ DDP against one process
+class LinearTrainer(Trainer):
+    """Least squares on fixed data, in order: under DDP with W ranks of batch b each, a step
+    sees the same 2b samples as one process with batch W*b (no BN, no random numbers)."""
+
+    name = "pretrain"
+
+    def __init__(self, rt: Runtime, batch: int):
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(32, 5, generator=g)
+        y = x @ torch.randn(5, generator=g) + 0.1 * torch.randn(32, generator=g)
+        self.loader = make_loader(TensorDataset(x, y), batch, rt, seed=0, shuffle=False)
+        torch.manual_seed(1)
+        self.model = prepare_model(nn.Linear(5, 1), rt)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1, momentum=0.9)
+        self.epochs = 3
+        self.lrs = cosine_schedule(0.2, 0.02, self.epochs * len(self.loader))
+
+    def loss(self, batch):
+        x, y = batch
+        loss = ((self.model(x)[:, 0] - y) ** 2).mean()
+        return loss, {}, x.shape[0]
+
+
+def _ddp_worker(rank, world, port, run, out):
+    import os
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    rt = setup_runtime("cpu")
+    model = train_epochs(LinearTrainer(rt, 4), RunDir(run), rt, {"seed": 0})
+    out[rank] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.distributed.destroy_process_group()
+
+
+def test_two_ddp_ranks_train_what_one_process_trains_with_the_global_batch(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_ddp_worker, args=(2, port, tmp_path / "ddp", out), nprocs=2)
+    single = train_epochs(LinearTrainer(CPU, 8), RunDir(tmp_path / "one"), CPU, {"seed": 0})
+    torch.manual_seed(1)
+    init = nn.Linear(5, 1).state_dict()
+    for k, want in single.state_dict().items():
+        assert not torch.allclose(want, init[k], atol=1e-3), k  # it trained
+        for rank in range(2):
+            torch.testing.assert_close(out[rank][k], want, atol=1e-6, rtol=1e-5)
+    ddp_ck = torch.load(tmp_path / "ddp" / "pretrain.pt", weights_only=False)
+    assert ddp_ck["done"] and ddp_ck["epoch"] == 3

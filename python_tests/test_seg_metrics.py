@@ -136,21 +136,28 @@ def test_op_bad_inputs():
         seg_metrics_update_(p[0], p[0], 3, **acc)
 
 
-def test_opcheck_and_compile():
-    pred, gt = segmentation_pair(20, 30, 3, num_classes=5, seed=3)
-    acc = new_accumulators(5)
+@pytest.mark.parametrize("with_lut", [False, True])
+def test_opcheck_and_compile(device, with_lut):
+    pred, gt = (t.to(device) for t in segmentation_pair(20, 30, 3, num_classes=5, seed=3))
+    lut = torch.tensor([0, 2, 1, 3, 5, 4], device=device) if with_lut else None
+    acc = new_accumulators(5, device=device)
     torch.library.opcheck(torch.ops.lusscore.seg_metrics_update_,
-                          (pred, gt, 5, 1000, 0.03, None, acc["region_conf"],
+                          (pred, gt, 5, 1000, 0.03, lut, acc["region_conf"],
                            acc["boundary_conf"], acc["pred_stats"], acc["gt_hist"]))
 
-    @torch.compile(fullgraph=True, backend="eager")
+    # aot_eager functionalizes the in-place update: the fake kernel and the mutation
+    # annotations are what it relies on.
+    @torch.compile(fullgraph=True, backend="aot_eager")
     def step(p, g, r, b, s, h):
-        torch.ops.lusscore.seg_metrics_update_(p, g, 5, 1000, 0.03, None, r, b, s, h)
+        torch.ops.lusscore.seg_metrics_update_(p, g, 5, 1000, 0.03, lut, r, b, s, h)
         return r.sum()
 
-    fresh = new_accumulators(5)
+    fresh = new_accumulators(5, device=device)
     step(pred, gt, *fresh.values())
-    assert torch.equal(fresh["region_conf"], run_op(pred, gt, 5)["region_conf"])
+    want = run_op(pred, gt, 5, pred_lut=lut)
+    for k in want:
+        assert torch.equal(fresh[k].cpu(), want[k]), k
+    assert fresh["region_conf"].sum() > 0  # the compiled call updated the accumulators
 
 
 @requires_cuda
@@ -239,7 +246,7 @@ def test_official_numbers_api(device, run):
 
 
 @pytest.mark.parametrize("run", sorted(RUNS))
-def test_official_numbers_cli(tmp_path, run):
+def test_official_numbers_cli(tmp_path, run, capsys):
     spec = RUNS[run]
     out = tmp_path / "out.json"
     match = str(FIX / spec["match_file"]) if spec["match_file"] else "none"
@@ -250,6 +257,10 @@ def test_official_numbers_cli(tmp_path, run):
         args[args.index("--match") + 1] = "hungarian"
         args[args.index("--workers") + 1] = "2"  # the parallel decoding path
         args += ["--save-match", str(tmp_path / "m.json")]
+    if run.startswith("out_of_range"):  # ids past C without a match: an error unless dropped
+        assert luss(args) == 2
+        assert f"predicted ids outside 0..{C}: [" in capsys.readouterr().err
+        args += ["--out-of-range", "drop"]
     assert luss(args) == 0
     result = json.loads(out.read_text())
     assert_official(result, spec["official"])
@@ -465,7 +476,10 @@ def test_ids_past_c_without_a_match_name_the_file(small_set, capsys):
     pred = read_label_png(pred_dir / names[1])
     pred[0, 0] = C + 3
     write_label_png(pred_dir / names[1], pred)
-    assert _cli(gt_dir, pred_dir) == 0  # scored like the official evaluator (its fixtures)
+    assert _cli(gt_dir, pred_dir) == 2
+    assert (f"predicted ids outside 0..{C}: [{C + 3}], first in {pred_dir / names[1]}"
+            in capsys.readouterr().err)
+    assert _cli(gt_dir, pred_dir, "--out-of-range", "drop") == 0  # the official evaluator's way
     out = capsys.readouterr().out
     assert f"predicted ids outside 0..{C}: [{C + 3}], first in {pred_dir / names[1]}" in out
 

@@ -55,6 +55,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--pass-bands", action="store_true",
                         help="PASS's variant: relabel by the match before the boundary bands "
                              "(needs a match file, or a first pass for hungarian)")
+    parser.add_argument("--out-of-range", choices=("error", "drop"), default="error",
+                        help="without a match, predicted ids outside 0..C: an error naming the "
+                             "first file (default), or drop them from the histograms as the "
+                             "official evaluator does")
     parser.add_argument("--curve", nargs=3, type=float, metavar=("MIN", "MAX", "STEP"),
                         default=None, help="threshold sweep on confidence maps")
     parser.add_argument("--conf-suffix", default=".npy",
@@ -184,8 +188,13 @@ def json_ready(obj):
 def evaluate(gt_dir, pred_dir, num_classes: int, names=None, match="none", device="cpu",
              workers: int = 0, missing_as_background: bool = False, pass_bands: bool = False,
              curve=None, conf_suffix: str = ".npy", ignore_index: int = 1000,
-             boundary_ratio: float = 0.03, quiet: bool = True) -> dict:
-    """Evaluate a prediction folder; returns compute()'s dict (or the sweep's)."""
+             boundary_ratio: float = 0.03, quiet: bool = True,
+             out_of_range: str = "error") -> dict:
+    """Evaluate a prediction folder; returns compute()'s dict (or the sweep's).
+
+    out_of_range: what predicted ids outside 0..C do without a match: "error" (they cannot be
+    GT ids, so the predictions are not what they claim) or "drop" (scored as the official
+    evaluator scores them: dropped from the histograms, foreground for F)."""
     from lusscore.matching import load_match
     from lusscore.metrics import SegEvaluator, ThresholdSweep
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
@@ -215,7 +224,7 @@ def evaluate(gt_dir, pred_dir, num_classes: int, names=None, match="none", devic
         if match_arg == "hungarian":  # PASS: a first pass finds the match, then bands follow it
             first = evaluate(gt_dir, pred_dir, num_classes, names, "hungarian", device, workers,
                              missing_as_background, False, None, conf_suffix, ignore_index,
-                             boundary_ratio, quiet)
+                             boundary_ratio, quiet, out_of_range)
             match_arg = {int(k): v for k, v in first["match"].items()}
         lut, used_match = match_arg, match_arg
         match_arg = None
@@ -249,24 +258,33 @@ def evaluate(gt_dir, pred_dir, num_classes: int, names=None, match="none", devic
             r["match"] = used_match
     result["missing_predictions"] = missing
     best = result["best"] if curve is not None else result
-    if match_arg is None and lut is None and best.get("out_of_range_ids"):
-        # Scored as the official evaluator scores them (dropped from the histograms, foreground
-        # for F); the file is named so that the warning can be acted on.
-        best["out_of_range_first"] = _first_out_of_range(pred_dir, labels, num_classes)
+    # A predicted ignore id copies the GT's ignore regions (it scores in the boundary bands).
+    ids = [i for i in best.get("out_of_range_ids", []) if i != ignore_index]
+    if match_arg is None and lut is None and ids:
+        first = _first_out_of_range(pred_dir, labels, num_classes, ignore_index)
+        if out_of_range == "error":
+            raise LusscoreError(
+                f"predicted ids outside 0..{num_classes}: {ids[:MAX_LISTED]}"
+                + (" ..." if len(ids) > MAX_LISTED else "") + f", first in {first}; without a "
+                "match the predictions must be GT ids (give --match hungarian for cluster ids, "
+                "or --out-of-range drop to score them as the official evaluator does)")
+        best["out_of_range_first"] = first
     conf = (acc if curve is None else acc.evaluators[0]).region_conf[0]
     best["ids_seen"] = {"gt": conf.sum(0).nonzero().flatten().tolist(),
                           "pred": conf[:-1].sum(1).nonzero().flatten().tolist()}
     return result
 
 
-def _first_out_of_range(pred_dir: Path, labels: list[str], num_classes: int) -> str:
-    """The first prediction file holding an id outside 0..C (read again: an error path)."""
+def _first_out_of_range(pred_dir: Path, labels: list[str], num_classes: int,
+                        ignore_index: int) -> str:
+    """The first prediction file holding an id outside 0..C other than the ignore id (read
+    again: an error path)."""
     from lusscore.data.label_io import read_label_png
     for name in labels:
         path = pred_dir / name
         if path.is_file():
             pred = read_label_png(path)
-            if pred.size and (pred.min() < 0 or pred.max() > num_classes):
+            if ((pred > num_classes) & (pred != ignore_index)).any():
                 return str(path)
     return "a prediction"
 
@@ -462,7 +480,7 @@ def main(args) -> int:
         result = evaluate(args.gt, args.pred, args.num_classes, args.names, args.match or "none",
                           args.device, args.workers, args.missing_as_background, args.pass_bands,
                           args.curve, args.conf_suffix, args.ignore_index, args.boundary_ratio,
-                          args.quiet)
+                          args.quiet, args.out_of_range)
     best = result["best"] if args.curve else result
     if args.curve:
         for t, r in zip(result["thresholds"], result["results"]):
@@ -477,8 +495,8 @@ def main(args) -> int:
         ids = best["out_of_range_ids"]
         print(f"warning: predicted ids outside 0..{len(best['IoUs']) - 1}: {ids[:MAX_LISTED]}"
               + (" ..." if len(ids) > MAX_LISTED else "") + f", first in {best['out_of_range_first']}"
-              " (scored as the official evaluator does: dropped from the histograms, foreground "
-              "for F; without a match the ids must be GT ids)")
+              " (--out-of-range drop: scored as the official evaluator does, dropped from the "
+              "histograms, foreground for F)")
     warning = unused_classes_warning(best, len(best["IoUs"]) - 1)
     if warning:
         print(warning)
