@@ -4,11 +4,16 @@ import pytest
 import torch
 
 import lusscore.ops as ops
-from conftest import requires_cuda
+from conftest import cuda_usable, requires_cuda
 from lusscore.reference import attention_pool as ref
 from samples import assert_close_to_scale, attention_pool_inputs
 
 SHAPES = [(2, 5, 3, 4), (3, 7, 7, 7), (2, 33, 1, 1), (1, 3, 1, 5), (2, 40, 9, 11), (1, 70, 2, 3)]
+FLOATS = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+requires_two_gpus = pytest.mark.skipif(
+    not cuda_usable() or torch.cuda.device_count() < 2,
+    reason="needs two CUDA GPUs (cuda:1) and lusscore built with CUDA kernels")
 
 
 def _grads(fn, x, a, theta, gp, gm=None):
@@ -210,8 +215,167 @@ def test_cpu_cuda_parity(dtype, shape):
 @requires_cuda
 def test_cuda_rejects_float64():
     x, a, theta = attention_pool_inputs(1, 2, 2, 2, dtype=torch.float64, device="cuda")
-    with pytest.raises(RuntimeError, match="x must have dtype in"):
+    with pytest.raises(RuntimeError, match="x must have dtype in .*float64 x and a are CPU-only"):
         ops.attention_pool(x, a, theta)
+    with pytest.raises(RuntimeError, match="float64 x and a are CPU-only"):
+        torch.ops.lusscore.attention_pool_backward(torch.ones(1, 2, device="cuda"), None, x, a,
+                                                   theta, True)
+
+
+def _forward_and_grads(x, a, theta, gp, gm):
+    """Both outputs and the three gradients of one call with return_mean_attention."""
+    x, a, theta = (t.detach().clone().requires_grad_(True) for t in (x, a, theta))
+    pooled, mean = ops.attention_pool(x, a, theta, True)
+    ((pooled * gp).sum() + (mean * gm).sum()).backward()
+    return pooled.detach(), mean.detach(), x.grad, a.grad, theta.grad
+
+
+@pytest.mark.parametrize("theta_dtype", FLOATS)
+@pytest.mark.parametrize("x_dtype", FLOATS)
+def test_theta_dtypes_one_contract(device, x_dtype, theta_dtype):
+    """Every float theta with every x dtype the device takes: outputs and x/a gradients in x's
+    dtype, theta's gradient in theta's; the values of the fp32 reference on the rounded
+    inputs (fp64 for fp64 x); CUDA equal to the CPU. float64 x is CPU-only: CUDA says so."""
+    shape = (3, 37, 5, 7)
+    x, a, theta = attention_pool_inputs(*shape, seed=40)
+    x, a, theta = x.to(x_dtype), a.to(x_dtype), theta.to(theta_dtype)
+    if device.type == "cuda" and x_dtype == torch.float64:
+        with pytest.raises(RuntimeError, match="float64 x and a are CPU-only"):
+            ops.attention_pool(x.cuda(), a.cuda(), theta.cuda())
+        return
+    g = torch.Generator().manual_seed(41)
+    gp = torch.randn(shape[:2], generator=g).to(x_dtype)
+    gm = torch.randn((shape[0],) + shape[2:], generator=g).to(x_dtype)
+    ours = _forward_and_grads(*(t.to(device) for t in (x, a, theta, gp, gm)))
+    for t, want in zip(ours, (x_dtype,) * 4 + (theta_dtype,)):
+        assert t.dtype == want and t.device.type == device.type
+    # The reference in the accumulation type of x (theta rounded to theta_dtype first).
+    acc = torch.float64 if x_dtype == torch.float64 else torch.float32
+    xs, as_, ts = (t.to(acc).requires_grad_(True) for t in (x, a, theta))
+    rp, rm = ref.attention_pool(xs, as_, ts, True)
+    ((rp * gp.to(acc)).sum() + (rm * gm.to(acc)).sum()).backward()
+    want = (rp.detach(), rm.detach(), xs.grad, as_.grad, ts.grad)
+    low = x_dtype in (torch.bfloat16, torch.float16) or theta_dtype in (torch.bfloat16, torch.float16)
+    tol = 2e-2 if low else (1e-10 if acc == torch.float64 and theta_dtype == torch.float64 else 1e-5)
+    for o, w in zip(ours, want):
+        assert_close_to_scale(o.cpu(), w, tol)
+    if device.type == "cuda":
+        cpu = _forward_and_grads(x, a, theta, gp, gm)
+        for o, c in zip(ours, cpu):
+            assert o.dtype == c.dtype
+            assert_close_to_scale(o.cpu(), c, 2e-2 if low else 1e-5)
+
+
+def _same_device(got, device):
+    """got is `device`; a device without an index means the current one of its type."""
+    want = torch.device(device)
+    if want.index is None:
+        return got.type == want.type and got.index in (None, torch.cuda.current_device())
+    return got == want
+
+
+def _cuda_vs_cpu(x, a, theta, gp, gm, tol, device="cuda"):
+    """Forward (both outputs) and the gradients on `device` equal the CPU's."""
+    cpu = _forward_and_grads(x, a, theta, gp, gm)
+    dev = _forward_and_grads(*(t.to(device) for t in (x, a, theta, gp, gm)))
+    for c, d in zip(cpu, dev):
+        assert _same_device(d.device, device) and d.dtype == c.dtype
+        assert_close_to_scale(d.cpu(), c, tol)
+
+
+def _sms():
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+@requires_cuda
+def test_cuda_grid_stride_past_one_grid_rows_and_channels():
+    """More rows than one grid of the segment kernels holds (sms * 16 blocks x 8 warps x 32
+    rows) and more channels than one grid of the theta-gradient kernel (sms * 8 blocks x 32
+    channels): the grid-stride loops must cover the rest."""
+    sms = _sms()
+    L = sms * 8 * 32 + 37
+    B = 17  # B * L > sms * 16 * 8 * 32 rows
+    assert B * L > sms * 16 * 8 * 32
+    x, a, theta = attention_pool_inputs(B, L, 1, 3, seed=42)  # 3 pixels: packs cross rows
+    g = torch.Generator().manual_seed(43)
+    gp = torch.randn(B, L, generator=g)
+    gm = torch.randn(B, 1, 3, generator=g)
+    _cuda_vs_cpu(x, a, theta, gp, gm, 1e-5)
+
+
+@requires_cuda
+def test_cuda_grid_stride_past_one_grid_mean_attention():
+    """More pixels than one grid of the mean-attention kernel covers (capped_blocks: sms * 32
+    blocks of 256 threads)."""
+    sms = _sms()
+    B, L, H = 2, 3, 64
+    W = -(-(sms * 32 * 256 // B + 1000) // H)
+    assert B * H * W > sms * 32 * 256 and H * W < 2 ** 25
+    x, a, theta = attention_pool_inputs(B, L, H, W, seed=44)
+    g = torch.Generator().manual_seed(45)
+    gp = torch.randn(B, L, generator=g)
+    gm = torch.randn(B, H, W, generator=g)
+    _cuda_vs_cpu(x, a, theta, gp, gm, 1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(3, 37, 7, 7), (2, 5, 3, 1), (1, 70, 2, 3), (2, 40, 9, 11)])
+def test_cuda_backward_scalar_path_with_grad_mean(dtype, shape):
+    """x and a one element off a 16-byte boundary: the kernels take the scalar (VEC = 1) path,
+    backward with the mean-attention gradient included; the values must equal the CPU's."""
+    x, a, theta = attention_pool_inputs(*shape, dtype=dtype, seed=46)
+    g = torch.Generator().manual_seed(47)
+    gp = torch.randn(shape[:2], generator=g).to(dtype)
+    gm = torch.randn((shape[0],) + shape[2:], generator=g).to(dtype)
+
+    def shifted(t):
+        out = torch.empty(t.numel() + 1, dtype=dtype, device="cuda")[1:].view(t.shape)
+        return out.copy_(t)
+
+    xs, as_ = shifted(x), shifted(a)
+    assert xs.data_ptr() % 16 != 0 and as_.data_ptr() % 16 != 0 and xs.is_contiguous()
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    cpu = _forward_and_grads(x, a, theta, gp, gm)
+    # The ops called directly: autograd would save clones (16-byte aligned) of xs and as_.
+    pooled, mean = torch.ops.lusscore.attention_pool(xs, as_, theta.cuda(), True)
+    assert_close_to_scale(pooled.cpu(), cpu[0], tol)
+    assert_close_to_scale(mean.cpu(), cpu[1], tol)
+    for compute_grad_x in (True, False):  # both GRAD_X instantiations of the scalar kernel
+        grad_x, grad_a, grad_theta = torch.ops.lusscore.attention_pool_backward(
+            gp.cuda(), gm.cuda(), xs, as_, theta.cuda(), compute_grad_x)
+        if compute_grad_x:
+            assert_close_to_scale(grad_x.cpu(), cpu[2], 2 * tol)
+        else:
+            assert grad_x.numel() == 0
+        assert_close_to_scale(grad_a.cpu(), cpu[3], 2 * tol)
+        assert_close_to_scale(grad_theta.cpu(), cpu[4], 2 * tol)
+
+
+@requires_two_gpus
+def test_cuda_non_default_device():
+    """Inputs on cuda:1 while cuda:0 is current: outputs and gradients land on cuda:1 and
+    equal the CPU's."""
+    assert torch.cuda.current_device() == 0
+    shape = (3, 37, 7, 7)
+    x, a, theta = attention_pool_inputs(*shape, seed=48)
+    g = torch.Generator().manual_seed(49)
+    gp = torch.randn(shape[:2], generator=g)
+    gm = torch.randn((shape[0],) + shape[2:], generator=g)
+    _cuda_vs_cpu(x, a, theta, gp, gm, 1e-5, device="cuda:1")
+    assert torch.cuda.current_device() == 0
+
+
+def test_pixel_limit(device):
+    """H*W must stay below 2^25 on both devices (checked before any data is read, so an
+    expanded view costs nothing)."""
+    x = torch.zeros(1, 1, 1, 1, device=device).expand(1, 2, 2 ** 13, 2 ** 12)
+    theta = torch.zeros(2, device=device)
+    with pytest.raises(RuntimeError, match=r"fewer than 2\^25 pixels per map, got H\*W = 33554432"):
+        ops.attention_pool(x, x, theta)
+    with pytest.raises(RuntimeError, match=r"fewer than 2\^25 pixels per map"):
+        torch.ops.lusscore.attention_pool_backward(torch.ones(1, 2, device=device), None, x, x,
+                                                   theta, True)
 
 
 def test_errors(device):

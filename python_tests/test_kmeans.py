@@ -370,6 +370,286 @@ def test_compiles(device, backend):
     torch.testing.assert_close(out, step(x, c), atol=1e-6, rtol=1e-6)
 
 
+
+# ------------------------------------------------------------------------------ one contract, both devices
+# Grid caps of the CUDA k-means kernels (csrc/common/cuda_utils.cuh capped_blocks and the
+# warp-per-row launches): rows past one grid go round the kernels' grid-stride loops.
+
+def _sms() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def _warp_rows_per_grid() -> int:
+    """argmin_tile_kernel and rescore_candidates_kernel: min(rows / 8, 16 SMs) blocks of 8 warps,
+    one row per warp."""
+    return _sms() * 16 * 8
+
+
+def _capped_items_per_grid() -> int:
+    """capped_blocks(n): at most 32 blocks of 256 threads per SM (labels_to_keys_kernel,
+    cluster_sums_kernel)."""
+    return _sms() * 32 * 256
+
+
+def _cpu_equal(x, c, metric, lg, vg):
+    lc, vc = ops.kmeans_assign(x.cpu(), c.cpu(), metric)
+    assert torch.equal(lg.cpu(), lc) and torch.equal(vg.cpu(), vc)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_assign_float64_centroids_are_rounded_to_float32(device, dtype):
+    """float64 centroids with fp32/bf16/fp16 rows: accepted on both devices and rounded to
+    float32 (the compute type), so the answer is the float32 centroids' one bit for bit; the
+    reference mode rounds them the same way."""
+    x = kmeans_points(500, 37, dtype=dtype, seed=30, device=device)
+    c64 = torch.randn(45, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(31)).to(device)
+    assert not torch.equal(c64, c64.float().double())  # the rounding matters
+    for metric in ("l2", "ip"):
+        labels, values = ops.kmeans_assign(x, c64, metric)
+        l32, v32 = ops.kmeans_assign(x, c64.float(), metric)
+        assert values.dtype == torch.float32
+        assert torch.equal(labels, l32) and torch.equal(values, v32)
+        check_assign(x, c64.float(), metric, labels, values)
+        ops.set_ops_mode("reference")
+        try:
+            lr, vr = ops.kmeans_assign(x, c64, metric)
+            lr32, vr32 = ops.kmeans_assign(x, c64.float(), metric)
+        finally:
+            ops.set_ops_mode("fused")
+        assert torch.equal(lr, lr32) and torch.equal(vr, vr32)
+    if device.type == "cuda":  # float64 rows stay CPU-only, with an error saying so
+        with pytest.raises(RuntimeError, match="x must have dtype .* on CUDA, got Double .*CPU only"):
+            ops.kmeans_assign(x.double(), c64, "l2")
+        with pytest.raises(RuntimeError, match="x must have dtype .* on CUDA, got Double .*CPU only"):
+            ops.kmeans_update(x.double(), torch.zeros(500, dtype=torch.int64, device=device), 2)
+
+
+def _past_fp16_range(device, top=1e5):
+    """fp16 rows and fp32 centroids with entries past fp16's range (65504): rows 0..9 sit at
+    65000 in column 0, nearest (l2) to centroid 9 whose column 0 is `top`."""
+    x = (kmeans_points(600, 24, seed=40) * 100).half()
+    c = kmeans_points(40, 24, seed=41) * 100
+    c[9, 0] = top
+    if top > 65520:
+        c[5] *= 1000  # entries ~1e5 everywhere
+        c[11, 3] = -70000.0
+    near = c[9].repeat(10, 1) + kmeans_points(10, 24, seed=42)
+    near[:, 0] = 65000.0
+    x[:10] = near.half()
+    assert torch.isfinite(x).all()
+    return x.to(device), c.to(device)
+
+
+@pytest.mark.parametrize("top", [1e5, 65520.0])
+def test_assign_fp16_rows_centroids_past_fp16_range(device, top):
+    """Centroids past fp16's range with fp16 rows: finite values and the float64 brute force's
+    labels on every device (65520 is the smallest value that rounds to inf in fp16)."""
+    x, c = _past_fp16_range(device, top)
+    assert torch.isinf(c.half()).any()
+    for metric in ("l2", "ip"):
+        labels, values = ops.kmeans_assign(x, c, metric)
+        assert torch.isfinite(values).all()
+        check_assign(x, c, metric, labels, values)
+        if metric == "l2":
+            assert (labels[:10] == 9).all()
+
+
+@requires_cuda
+@pytest.mark.parametrize("path", ["fused", "buffered"])
+def test_cuda_fp16_rows_centroids_past_fp16_range_match_cpu(monkeypatch, path):
+    """Both CUDA paths fall back to fp32 (rows widened in chunks of 2^26 elements) for fp16 rows
+    against centroids past fp16's range, and equal the CPU bit for bit; 2100 rows of D = 2^16
+    take three chunks."""
+    monkeypatch.setenv("LUSSCORE_KMEANS_ASSIGN", path)
+    for top in (1e5, 65520.0):
+        x, c = _past_fp16_range("cuda", top)
+        for metric in ("l2", "ip"):
+            lg, vg = ops.kmeans_assign(x, c, metric)
+            _cpu_equal(x, c, metric, lg, vg)
+            rl, _ = ref.kmeans_assign(x.cpu(), c.cpu(), metric)
+            assert torch.equal(lg.cpu(), rl)
+    x = (kmeans_points(2100, 1 << 16, seed=43) * 100).half()
+    c = kmeans_points(4, 1 << 16, seed=44) * 100
+    c[2, 0] = 1e5
+    x[:5, 0] = 65000.0
+    lg, vg = ops.kmeans_assign(x.cuda(), c.cuda(), "l2")
+    assert (lg[:5] == 2).all()
+    _cpu_equal(x, c, "l2", lg, vg)
+
+
+def test_assign_update_d0(device, monkeypatch):
+    """D = 0: every distance and similarity is 0, so label 0 and value 0 (the lowest index
+    wins the tie); update sums are (K, 0) and counts still count."""
+    x = torch.empty(300, 0, device=device)
+    c = torch.empty(7, 0, device=device)
+    paths = ["default", "buffered"] if device.type == "cuda" else ["default"]
+    for path in paths:
+        if path == "default":
+            monkeypatch.delenv("LUSSCORE_KMEANS_ASSIGN", raising=False)
+        else:
+            monkeypatch.setenv("LUSSCORE_KMEANS_ASSIGN", path)
+        for metric in ("l2", "ip"):
+            labels, values = ops.kmeans_assign(x, c, metric)
+            assert labels.shape == (300,) and (labels == 0).all()
+            assert values.dtype == torch.float32 and (values == 0).all()
+            _cpu_equal(x, c, metric, labels, values)
+    if device.type == "cuda":
+        monkeypatch.setenv("LUSSCORE_KMEANS_ASSIGN", "fused")
+        with pytest.raises(RuntimeError, match=r"fused kernel cannot run here.*D >= 1 \(0\)"):
+            ops.kmeans_assign(x, c, "l2")
+    lab = torch.randint(0, 7, (300,), generator=torch.Generator().manual_seed(45)).to(device)
+    sums, counts = ops.kmeans_update(x, lab, 7)
+    assert sums.shape == (7, 0) and sums.dtype == torch.float32
+    assert torch.equal(counts.cpu(), torch.bincount(lab.cpu(), minlength=7))
+
+
+def test_update_k_limit(device):
+    """k must fit the int32 sort keys; checked before any allocation."""
+    x = kmeans_points(6, 3, device=device)
+    with pytest.raises(RuntimeError, match=r"k \(the number of clusters\) must be < 2\^31"):
+        ops.kmeans_update(x, torch.zeros(6, dtype=torch.int64, device=device), 2 ** 31)
+
+
+@requires_cuda
+def test_cuda_limits_are_checked_before_data_access(monkeypatch):
+    """The CUDA limits, reached with stride-0 views (no memory behind them): the checks run
+    before any copy. (The fused path's 2^31 blocks of 128 rows are not tested: the outputs of
+    2^38 rows would have to be allocated first.)"""
+    n = 2 ** 31
+    x = torch.zeros(1, 1, device="cuda").expand(n, 1)
+    labels = torch.zeros(1, dtype=torch.int64, device="cuda").expand(n)
+    with pytest.raises(RuntimeError, match=r"at most 2\^31 - 1 rows per call, got 2147483648"):
+        ops.kmeans_update(x, labels, 3)
+    monkeypatch.setenv("LUSSCORE_KMEANS_ASSIGN", "fused")
+    c = torch.zeros(1, 4, device="cuda").expand(2 ** 31 - 128, 4)
+    with pytest.raises(RuntimeError, match=r"K < 2\^31 - 128 \(2147483520\)"):
+        ops.kmeans_assign(kmeans_points(3, 4, device="cuda"), c, "l2", check_finite=False)
+
+
+@requires_cuda
+@pytest.mark.parametrize("path", ["fused", "buffered"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_assign_rows_past_one_grid(monkeypatch, path, dtype):
+    """More than two grids of rows: every centroid is duplicated, so the fused scan flags every
+    row and rescore_candidates_kernel loops; the buffered path's argmin_tile_kernel takes all
+    rows in one launch and loops. Labels and values equal the CPU's; labels are the first
+    copies."""
+    monkeypatch.setenv("LUSSCORE_KMEANS_ASSIGN", path)
+    n = 2 * _warp_rows_per_grid() + 123
+    base = kmeans_points(50, 32, seed=46)
+    c = torch.cat([base, base])
+    x = kmeans_points(n, 32, dtype=dtype, seed=47)
+    for metric in ("l2", "ip"):
+        lg, vg = ops.kmeans_assign(x.cuda(), c.cuda(), metric)
+        _cpu_equal(x, c, metric, lg, vg)
+        assert (lg < 50).all()
+        rl, _ = ref.kmeans_assign(x, base, metric)
+        gap = ref.kmeans_assign_gap(x, base, metric)
+        clear = gap > 1e-9 * (x.double().norm(dim=1) + base.double().norm(dim=1).max()) ** 2
+        assert torch.equal(lg.cpu()[clear], rl[clear])
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cuda_buffered_row_chunks_and_centroid_tiles(monkeypatch, dtype):
+    """The buffered path with LUSSCORE_KMEANS_SCORE_MB=1 (its minimum): 2^18 scores, so rows go
+    in chunks of max(1024, 2^18 / 8192) = 1024 (three for 3000 rows), each against two centroid
+    tiles (8192 + 808), the running best carried across tiles. Equal to the CPU and to the
+    default buffer; a duplicate across tiles goes to its first copy."""
+    monkeypatch.setenv("LUSSCORE_KMEANS_ASSIGN", "buffered")
+    c = kmeans_points(9000, 64, seed=48)
+    c[8500] = c[5]
+    x = kmeans_points(3000, 64, dtype=dtype, seed=49)
+    x[:4] = c[5].to(dtype)
+    x[2000:2004] = c[5].to(dtype)
+    for metric in ("l2", "ip"):
+        monkeypatch.setenv("LUSSCORE_KMEANS_SCORE_MB", "1")
+        lg, vg = ops.kmeans_assign(x.cuda(), c.cuda(), metric)
+        monkeypatch.delenv("LUSSCORE_KMEANS_SCORE_MB")
+        lb, vb = ops.kmeans_assign(x.cuda(), c.cuda(), metric)
+        assert torch.equal(lg, lb) and torch.equal(vg, vb)
+        _cpu_equal(x, c, metric, lg, vg)
+        assert not (lg == 8500).any()
+        if metric == "l2" and dtype == torch.float32:
+            assert (lg[:4] == 5).all() and (lg[2000:2004] == 5).all()
+
+
+@requires_cuda
+def test_cuda_fused_collect_passes_and_candidate_overflow(monkeypatch):
+    """More flagged rows than one collect pass takes (2^22): every row ties between three
+    copies of its centroid, so the fused path runs two collect passes. Rows on both sides of
+    the pass boundary are near 17 copies of one point: more candidates than a list holds (16),
+    so the buffered path resolves them, lowest index first (label 18)."""
+    monkeypatch.setenv("LUSSCORE_KMEANS_ASSIGN", "fused")
+    collect_rows = 1 << 22
+    n = collect_rows + 3000
+    base = kmeans_points(6, 8, seed=50) * 3
+    p = torch.full((1, 8), 40.0)
+    c = torch.cat([base, base, base, p.repeat(17, 1)])  # K = 35
+    g = torch.Generator().manual_seed(51)
+    ids = torch.randint(0, 6, (n,), generator=g)
+    x = base[ids] + 0.3 * torch.randn(n, 8, generator=g)
+    far = torch.cat([torch.arange(collect_rows - 500, collect_rows + 500), torch.arange(n - 700, n)])
+    x[far] = p + 0.3 * torch.randn(len(far), 8, generator=g)
+    x = x.to(torch.bfloat16)
+    lg, vg = ops.kmeans_assign(x.cuda(), c.cuda(), "l2")
+    _cpu_equal(x, c, "l2", lg, vg)
+    lg = lg.cpu()
+    assert (lg[far] == 18).all()
+    near = torch.ones(n, dtype=torch.bool)
+    near[far] = False
+    assert (lg[near] < 6).all()
+    sample = torch.nonzero(near)[:, 0][::200]
+    rl, _ = ref.kmeans_assign(x[sample], base, "l2")
+    gap = ref.kmeans_assign_gap(x[sample], base, "l2")
+    assert torch.equal(lg[sample][gap > 1e-6], rl[gap > 1e-6])
+
+
+@requires_cuda
+def test_cuda_update_past_one_grid_and_grid_y():
+    """kmeans_update past each launch's grid: more rows than labels_to_keys_kernel's grid, more
+    sums than cluster_sums_kernel's, and D > 65535 x 128 columns (segment_sums_kernel's grid.y
+    is capped at 65535 and loops over the rest). Bit-identical to the CPU, close to float64."""
+    g = torch.Generator().manual_seed(52)
+    cases = []
+    n = _capped_items_per_grid() + 4321
+    cases.append((kmeans_points(n, 3, seed=53), torch.randint(0, 5, (n,), generator=g), 5))
+    k = 4096
+    d = _capped_items_per_grid() // k + 7
+    cases.append((kmeans_points(20000, d, seed=54), torch.randint(0, k, (20000,), generator=g), k))
+    d = 65535 * 128 + 1000
+    cases.append((kmeans_points(3, d, seed=55), torch.tensor([0, 1, 0]), 2))
+    for x, labels, k in cases:
+        sg, ng = ops.kmeans_update(x.cuda(), labels.cuda(), k)
+        sc, nc = ops.kmeans_update(x, labels, k)
+        assert torch.equal(sg.cpu(), sc) and torch.equal(ng.cpu(), nc)
+        rs, rc = ref.kmeans_update(x, labels, k)
+        assert torch.allclose(sc, rs, rtol=1e-6, atol=1e-5) and torch.equal(nc, rc)
+
+
+@requires_cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs")
+@pytest.mark.parametrize("path", ["fused", "buffered"])
+def test_cuda_non_default_device(monkeypatch, path):
+    """Tensors on cuda:1 while cuda:0 is current: outputs on cuda:1, equal to the CPU's (the
+    kernels, their streams and the device properties follow the inputs' device)."""
+    monkeypatch.setenv("LUSSCORE_KMEANS_ASSIGN", path)
+    dev = torch.device("cuda:1")
+    assert torch.cuda.current_device() == 0
+    x, c = kmeans_points(3000, 40, seed=56), kmeans_points(100, 40, seed=57)
+    c[70] = c[7]
+    xh, ch = _past_fp16_range("cpu")
+    for xx, cc in ((x, c), (x.to(torch.bfloat16), c), (xh, ch)):
+        for metric in ("l2", "ip"):
+            lg, vg = ops.kmeans_assign(xx.to(dev), cc.to(dev), metric)
+            assert lg.device == dev and vg.device == dev
+            _cpu_equal(xx, cc, metric, lg, vg)
+    labels = torch.randint(0, 100, (3000,), generator=torch.Generator().manual_seed(58))
+    sg, ng = ops.kmeans_update(x.to(dev), labels.to(dev), 100)
+    assert sg.device == dev and ng.device == dev
+    sc, nc = ops.kmeans_update(x, labels, 100)
+    assert torch.equal(sg.cpu(), sc) and torch.equal(ng.cpu(), nc)
+
 # ------------------------------------------------------------------------------ KMeans driver
 
 def test_kmeans_recovers_blobs_and_predicts(device):

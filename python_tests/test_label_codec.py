@@ -9,7 +9,12 @@ from lusscore.data import (IGNORE_INDEX, decode_label_rgb, encode_label_rgb, rea
                            write_label_png)
 from lusscore.reference import label_codec as ref
 from lusscore.utils import LusscoreError
+from conftest import cuda_usable, requires_cuda
 from samples import rgb_label_image
+
+requires_two_gpus = pytest.mark.skipif(
+    not cuda_usable() or torch.cuda.device_count() < 2,
+    reason="needs two CUDA GPUs (cuda:1) and lusscore built with CUDA kernels")
 
 
 @pytest.mark.parametrize("channels", [3, 4])
@@ -35,6 +40,31 @@ def test_rgb_to_label_errors(device):
         ops.rgb_to_label(torch.zeros(4, 4, 3, dtype=torch.int32, device=device))
     with pytest.raises(RuntimeError, match="channel"):
         ops.rgb_to_label(torch.zeros(4, 4, 2, dtype=torch.uint8, device=device))
+
+
+@requires_cuda
+@pytest.mark.parametrize("channels", [3, 4])
+def test_rgb_to_label_cuda_grid_stride_past_one_grid(channels):
+    """More pixels than one grid covers (capped_blocks: sms * 32 blocks of 256 threads)."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    n = 2 * sms * 32 * 256 + 1234
+    rgb = rgb_label_image(n // 1000 + 1, 1000, channels=channels, max_id=65535, seed=3)
+    assert rgb.shape[0] * rgb.shape[1] > sms * 32 * 256
+    want = ops.rgb_to_label(rgb)
+    assert torch.equal(want, ref.rgb_to_label(rgb))
+    got = ops.rgb_to_label(rgb.cuda())
+    assert got.is_cuda and torch.equal(got.cpu(), want)
+
+
+@requires_two_gpus
+def test_rgb_to_label_non_default_device():
+    """Input on cuda:1 while cuda:0 is current: the output lands on cuda:1, equal to the CPU's."""
+    assert torch.cuda.current_device() == 0
+    rgb = rgb_label_image(37, 53, channels=4, max_id=65535, seed=4)
+    got = ops.rgb_to_label(rgb.to("cuda:1"))
+    assert got.device == torch.device("cuda:1")
+    assert torch.equal(got.cpu(), ops.rgb_to_label(rgb))
+    assert torch.cuda.current_device() == 0
 
 
 def test_rgb_to_label_opcheck(device):

@@ -3,9 +3,14 @@ import pytest
 import torch
 
 import lusscore.ops as ops
-from conftest import requires_cuda
+from conftest import cuda_usable, requires_cuda
 from lusscore.reference import overlap_gather as ref
 from samples import overlap_boxes, overlap_maps
+
+
+requires_two_gpus = pytest.mark.skipif(
+    not cuda_usable() or torch.cuda.device_count() < 2,
+    reason="needs two CUDA GPUs (cuda:1) and lusscore built with CUDA kernels")
 
 
 def run_both(f1, f2, pairs, size=7, cell_centers=False):
@@ -300,3 +305,206 @@ def test_cuda_misaligned_channels_last_falls_back():
     shifted.copy_(base)
     torch.testing.assert_close(ops.overlap_gather(shifted, shifted, *pairs)[0],
                                ops.overlap_gather(base, base, *pairs)[0])
+
+
+# ------------------------------------------------------------------ CUDA paths beyond the parity test
+def _forward_backward(f1, f2, pairs, gg1, gg2, size, device, cell_centers=False):
+    """g1, g2, valid and the backward op's gf1, gf2 for maps and grads moved to `device`."""
+    dev = [t.to(device) for t in (f1, f2, gg1, gg2)]  # .to() keeps channels-last
+    p = tuple(t.to(device) for t in pairs)
+    g1, g2, valid = ops.overlap_gather(dev[0], dev[1], *p, size=size, cell_centers=cell_centers)
+    gf1, gf2 = torch.ops.lusscore.overlap_gather_backward(
+        dev[2], dev[3], *p, f1.shape[2], f1.shape[3], f2.shape[2], f2.shape[3], size, cell_centers)
+    return g1, g2, valid, gf1, gf2
+
+
+def _is_channels_last(t):
+    # As the kernels decide: channels-last only when not also plain contiguous.
+    return not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _same_device(got, device):
+    """got is `device`; a device without an index means the current one of its type."""
+    want = torch.device(device)
+    if want.index is None:
+        return got.type == want.type and got.index in (None, torch.cuda.current_device())
+    return got == want
+
+
+def _assert_cuda_equals_cpu(f1, f2, pairs, size, tol, device="cuda", cell_centers=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gg1 = torch.randn(f1.shape[0], f1.shape[1], size, size, generator=g, dtype=torch.float64)
+    gg2 = torch.randn(f2.shape[0], f2.shape[1], size, size, generator=g, dtype=torch.float64)
+    # The grads laid out like their maps, so that the backward runs in the maps' layout too.
+    gg1, gg2 = (gg.to(f.dtype).contiguous(memory_format=torch.channels_last if _is_channels_last(f)
+                                          else torch.contiguous_format)
+                for gg, f in ((gg1, f1), (gg2, f2)))
+    cpu = _forward_backward(f1, f2, pairs, gg1, gg2, size, "cpu", cell_centers)
+    dev = _forward_backward(f1, f2, pairs, gg1, gg2, size, device, cell_centers)
+    for c, d in zip(cpu, dev):
+        assert _same_device(d.device, device) and d.dtype == c.dtype and d.shape == c.shape
+        assert d.stride() == c.stride()  # the same layout on both devices
+        torch.testing.assert_close(d.cpu(), c, atol=tol, rtol=tol)
+    return cpu, dev
+
+
+def _tap_bytes(dtype):
+    # OverlapTap<acc_t>: two int32 indices and two acc_t weights (float, double for fp64).
+    return 24 if dtype == torch.float64 else 16
+
+
+def _backward_shared_bytes(size, h, w, dtype):
+    # launch_scatter: 2 x S taps plus an int2 touching range per map row and column.
+    return 2 * size * _tap_bytes(dtype) + (h + w) * 8
+
+
+def _optin():
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).shared_memory_per_block_optin
+
+
+@requires_cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype,size,h,w", [
+    (torch.float32, 7, 4, 6200),     # the W + H ranges push the block past 48 KB
+    (torch.float64, 1024, 8, 8),     # fp64 taps alone are 48 KB at S = 1024
+    (torch.bfloat16, 64, 6000, 4),   # a tall map
+])
+def test_cuda_backward_above_48kb_of_shared_memory(dtype, size, h, w, channels_last):
+    """The backward kernel opts in to more than 48 KB of dynamic shared memory (up to the
+    device's opt-in maximum); the values equal the CPU's."""
+    need = _backward_shared_bytes(size, h, w, dtype)
+    assert 48 * 1024 < need <= _optin()
+    pairs = overlap_boxes(2, seed=50, disjoint_every=0)
+    f1 = overlap_maps(2, 3, h, w, seed=51, dtype=dtype, channels_last=channels_last)
+    f2 = overlap_maps(2, 2, 6, 5, seed=52, dtype=dtype, channels_last=channels_last)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5}.get(dtype, 2e-2)
+    _assert_cuda_equals_cpu(f1, f2, pairs, size, tol, seed=53)
+
+
+@requires_cuda
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cuda_backward_above_the_shared_memory_optin_falls_back(channels_last):
+    """Ranges that do not fit even after opting in are found per thread: same values."""
+    size = 7
+    w = (_optin() - 2 * size * _tap_bytes(torch.float32)) // 8 + 64
+    assert _backward_shared_bytes(size, 2, w, torch.float32) > _optin()
+    pairs = overlap_boxes(2, seed=54, disjoint_every=0)
+    f1 = overlap_maps(2, 2, 2, w, seed=55, channels_last=channels_last)
+    f2 = overlap_maps(2, 4, 2, w, seed=56, channels_last=channels_last)
+    _assert_cuda_equals_cpu(f1, f2, pairs, size, 1e-5, seed=57)
+
+
+@requires_cuda
+@pytest.mark.parametrize("channels,channels_last", [(2, False), (8, True), (3, True)])
+def test_cuda_grid_stride_past_one_grid(channels, channels_last):
+    """More (item, chunk) blocks than one grid holds (sms * 32 blocks): the block-stride loops
+    of both kernels must cover the rest."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    B = sms * 32 + 77  # one chunk per item here
+    pairs = overlap_boxes(B, seed=58)
+    f1 = overlap_maps(B, channels, 5, 6, seed=59, channels_last=channels_last)
+    f2 = overlap_maps(B, channels, 7, 7, seed=60, channels_last=channels_last)
+    cpu, _ = _assert_cuda_equals_cpu(f1, f2, pairs, 7, 1e-5, seed=61)
+    assert 0 < int(cpu[2].sum()) < B  # disjoint pairs past the first grid too
+
+
+@requires_cuda
+@pytest.mark.parametrize("misaligned", [False, True])
+@pytest.mark.parametrize("channels", [13, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_channels_last_backward_matches_cpu(dtype, channels, misaligned):
+    """Channels-last forward and backward, vectorised (C % vec == 0, 16-byte aligned) and
+    scalar (C = 13, or the map/grad storage one element off 16 bytes), against the CPU."""
+    pairs = overlap_boxes(6, seed=62)
+    f1 = overlap_maps(6, channels, 7, 7, seed=63, dtype=dtype, channels_last=True)
+    f2 = overlap_maps(6, channels, 9, 5, seed=64, dtype=dtype, channels_last=True)
+    g = torch.Generator().manual_seed(65)
+    gg1, gg2 = (torch.randn(6, channels, 7, 7, generator=g).to(dtype)
+                .contiguous(memory_format=torch.channels_last) for _ in range(2))
+
+    def on_cuda(t):
+        if not misaligned:
+            return t.cuda()
+        storage = torch.empty(t.numel() + 1, dtype=dtype, device="cuda")
+        out = storage[1:].as_strided(t.shape, t.stride())
+        out.copy_(t)
+        assert out.data_ptr() % 16 != 0
+        return out
+
+    cuda_in = [on_cuda(t) for t in (f1, f2, gg1, gg2)]
+    for t in cuda_in:
+        assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    cuda_pairs = tuple(p.cuda() for p in pairs)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    cpu = (*ops.overlap_gather(f1, f2, *pairs),
+           *torch.ops.lusscore.overlap_gather_backward(gg1, gg2, *pairs, 7, 7, 9, 5, 7, False))
+    gpu = (*ops.overlap_gather(cuda_in[0], cuda_in[1], *cuda_pairs),
+           *torch.ops.lusscore.overlap_gather_backward(cuda_in[2], cuda_in[3], *cuda_pairs,
+                                                       7, 7, 9, 5, 7, False))
+    for i, (c, d) in enumerate(zip(cpu, gpu)):
+        if i != 2:  # all but valid are laid out channels-last, as their input
+            assert d.is_contiguous(memory_format=torch.channels_last) and not d.is_contiguous()
+        torch.testing.assert_close(d.cpu(), c, atol=tol, rtol=tol)
+    # and through autograd (the gradient of a channels-last map, CPU vs CUDA)
+    w1, w2 = torch.randn_like(cpu[0]), torch.randn_like(cpu[1])
+    gc = grads_of(lambda a, b: ops.overlap_gather(a, b, *pairs), f1, f2, w1, w2)
+    gd = grads_of(lambda a, b: ops.overlap_gather(a, b, *cuda_pairs), cuda_in[0], cuda_in[1],
+                  w1.cuda(), w2.cuda())
+    for c, d in zip(gc, gd):
+        torch.testing.assert_close(d.cpu(), c, atol=tol, rtol=tol)
+
+
+@requires_two_gpus
+def test_cuda_non_default_device():
+    """Inputs on cuda:1 while cuda:0 is current: outputs on cuda:1, equal to the CPU's; the
+    shared-memory opt-in is per device, so a > 48 KB backward runs on cuda:0 first, then on
+    cuda:1."""
+    assert torch.cuda.current_device() == 0
+    pairs = overlap_boxes(8, seed=66)
+    f1 = overlap_maps(8, 16, 7, 7, seed=67)
+    f2 = overlap_maps(8, 16, 9, 9, seed=68, channels_last=True)
+    _assert_cuda_equals_cpu(f1, f2, pairs, 7, 1e-5, device="cuda:1", seed=69)
+    wide = overlap_maps(2, 3, 4, 6200, seed=70)
+    wide_pairs = overlap_boxes(2, seed=71, disjoint_every=0)
+    assert _backward_shared_bytes(7, 4, 6200, torch.float32) > 48 * 1024
+    for device in ("cuda:0", "cuda:1"):
+        _assert_cuda_equals_cpu(wide, wide, wide_pairs, 7, 1e-5, device=device, seed=72)
+    assert torch.cuda.current_device() == 0
+
+
+def test_limit_errors(device):
+    pairs = overlap_boxes(2, device=device)
+    f = overlap_maps(2, 3, 4, 4, device=device)
+    with pytest.raises(RuntimeError, match=r"size must be in \[1, 1024\], got 1025"):
+        ops.overlap_gather(f, f, *pairs, size=1025)
+    g = torch.zeros(2, 3, 7, 7, device=device)
+    with pytest.raises(RuntimeError, match="map sizes must be non-negative, got -1x4 and 4x4"):
+        torch.ops.lusscore.overlap_gather_backward(g, g, *pairs, -1, 4, 4, 4, 7, False)
+    # The taps hold int32 indices: a map 2^31 wide is refused on both devices (checked before
+    # any data is read, so an expanded view costs nothing).
+    wide = torch.zeros(1, 1, 1, 1, device=device).expand(2, 1, 1, 2 ** 31)
+    with pytest.raises(RuntimeError, match=r"f2 must have H and W below 2\^31, got 1x2147483648"):
+        ops.overlap_gather(f, wide, *pairs)
+    with pytest.raises(RuntimeError, match=r"the map of view 1 \(height1 x width1\) must have H "
+                                           r"and W below 2\^31, got 2147483648x4"):
+        torch.ops.lusscore.overlap_gather_backward(g, g, *pairs, 2 ** 31, 4, 4, 4, 7, False)
+
+
+@requires_cuda
+def test_cuda_slice_limit_error():
+    """CUDA indexes inside one batch item with 32 bits: an item of 2^31 elements or more is an
+    error naming the tensor (checked before anything is copied or allocated, so an expanded
+    view costs nothing)."""
+    pairs = tuple(p.cuda() for p in overlap_boxes(1, disjoint_every=0))
+    huge = torch.zeros(1, 1, 1, 1, dtype=torch.float16, device="cuda").expand(1, 2048, 1024, 1024)
+    small = torch.zeros(1, 2048, 4, 4, dtype=torch.float16, device="cuda")
+    with pytest.raises(RuntimeError, match=r"one batch item of f1 may hold at most 2\^31 - 1 "
+                                           r"elements, got C x H x W = 2048 x 1024 x 1024"):
+        ops.overlap_gather(huge, small, *pairs)
+    with pytest.raises(RuntimeError, match="one batch item of f2 may hold at most"):
+        ops.overlap_gather(small, huge, *pairs)
+    gg = torch.zeros(1, 2048, 7, 7, dtype=torch.float16, device="cuda")
+    with pytest.raises(RuntimeError, match="one batch item of the gradient of f1 may hold"):
+        torch.ops.lusscore.overlap_gather_backward(gg, gg, *pairs, 1024, 1024, 4, 4, 7, False)
+    with pytest.raises(RuntimeError, match="one batch item of the gradient of f2 may hold"):
+        torch.ops.lusscore.overlap_gather_backward(gg, gg, *pairs, 4, 4, 1024, 1024, 7, False)

@@ -5,15 +5,16 @@
 
 namespace lusscore {
 
+// x and a: float32/bf16/fp16 on both devices, float64 only where allow_double_x (the CPU).
+// theta may have any of the four float dtypes on both devices: it is read in the accumulation
+// type, and its gradient is returned in its own dtype.
 inline void attention_pool_check(const at::Tensor& x, const at::Tensor& a, const at::Tensor& theta,
-                                 bool allow_double) {
-  if (allow_double) {
-    check_dtype(x, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, "x");
-    check_dtype(theta, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, "theta");
-  } else {
-    check_dtype(x, {at::kFloat, at::kHalf, at::kBFloat16}, "x");
-    check_dtype(theta, {at::kFloat, at::kHalf, at::kBFloat16}, "theta");
-  }
+                                 bool allow_double_x) {
+  TORCH_CHECK(allow_double_x || x.scalar_type() != at::kDouble,
+              "x must have dtype in {Float, Half, BFloat16} on ", x.device(),
+              ", got Double (float64 x and a are CPU-only)");
+  check_dtype(x, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, "x");
+  check_dtype(theta, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, "theta");
   check_dim(x, 4, "x (B, L, H, W)");
   TORCH_CHECK(a.sizes() == x.sizes(), "a must have the shape of x ", x.sizes(), ", got ",
               a.sizes());
@@ -24,9 +25,11 @@ inline void attention_pool_check(const at::Tensor& x, const at::Tensor& a, const
               " entries (the channels of x), got ", theta.size(0));
   check_same_device(x, a, "x", "a");
   check_same_device(x, theta, "x", "theta");
+  // The CUDA kernels index a warp's segment of 32 maps with 32-bit ints: 32 * H*W < 2^31.
+  // One limit for both devices.
   TORCH_CHECK(x.size(2) * x.size(3) < (int64_t(1) << 25),
               "attention_pool supports fewer than 2^25 pixels per map, got H*W = ",
-              x.size(2) * x.size(3));
+              x.size(2) * x.size(3), " for x of shape ", x.sizes());
 }
 
 inline void attention_pool_backward_check(const at::Tensor& grad_pooled,

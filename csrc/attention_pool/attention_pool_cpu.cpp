@@ -166,7 +166,7 @@ acc_t backward_row_any(const scalar_t* x, const scalar_t* a, const acc_t* gmh, a
 std::tuple<at::Tensor, at::Tensor> attention_pool_cpu(const at::Tensor& x_in, const at::Tensor& a_in,
                                                       const at::Tensor& theta_in,
                                                       bool return_mean_attention) {
-  attention_pool_check(x_in, a_in, theta_in, /*allow_double=*/true);
+  attention_pool_check(x_in, a_in, theta_in, /*allow_double_x=*/true);
   check_device_type(x_in, at::kCPU, "x");
   const int64_t B = x_in.size(0), L = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
   const int64_t hw = H * W;
@@ -221,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_cpu(const at::Tensor& x_in, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_backward_cpu(
     const at::Tensor& grad_pooled_in, const c10::optional<at::Tensor>& grad_mean_in,
     const at::Tensor& x_in, const at::Tensor& a_in, const at::Tensor& theta_in, bool compute_grad_x) {
-  attention_pool_check(x_in, a_in, theta_in, /*allow_double=*/true);
+  attention_pool_check(x_in, a_in, theta_in, /*allow_double_x=*/true);
   check_device_type(x_in, at::kCPU, "x");
   attention_pool_backward_check(grad_pooled_in, grad_mean_in, x_in);
   const int64_t B = x_in.size(0), L = x_in.size(1), hw = x_in.size(2) * x_in.size(3);

@@ -21,11 +21,16 @@
 namespace lusscore {
 namespace {
 
-// The CUDA kernels take float32, float16 and bfloat16 (float64 is CPU-only).
+// The CUDA kernels take float32, float16 and bfloat16 x and a (float64 is CPU-only); theta
+// may also be float64, as on the CPU: it is read as float and its gradient is written in its
+// own dtype.
 #define LUSSCORE_AP_CASES(...)                       \
   AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)          \
   AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)           \
   AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__)
+#define LUSSCORE_AP_THETA_CASES(...)                 \
+  LUSSCORE_AP_CASES(__VA_ARGS__)                     \
+  AT_DISPATCH_CASE(at::kDouble, __VA_ARGS__)
 
 constexpr int kRowsPerWarp = 32;
 constexpr int kWarpsPerBlock = 8;
@@ -253,7 +258,7 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 std::tuple<at::Tensor, at::Tensor> attention_pool_cuda(const at::Tensor& x_in, const at::Tensor& a_in,
                                                        const at::Tensor& theta_in,
                                                        bool return_mean_attention) {
-  attention_pool_check(x_in, a_in, theta_in, /*allow_double=*/false);
+  attention_pool_check(x_in, a_in, theta_in, /*allow_double_x=*/false);
   check_device_type(x_in, at::kCUDA, "x");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const int64_t B = x_in.size(0), L = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
@@ -294,7 +299,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_cuda(const at::Tensor& x_in, c
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_backward_cuda(
     const at::Tensor& grad_pooled_in, const c10::optional<at::Tensor>& grad_mean_in,
     const at::Tensor& x_in, const at::Tensor& a_in, const at::Tensor& theta_in, bool compute_grad_x) {
-  attention_pool_check(x_in, a_in, theta_in, /*allow_double=*/false);
+  attention_pool_check(x_in, a_in, theta_in, /*allow_double_x=*/false);
   check_device_type(x_in, at::kCUDA, "x");
   attention_pool_backward_check(grad_pooled_in, grad_mean_in, x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -339,7 +344,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_backward_cuda(
     }
     LUSSCORE_CUDA_CHECK_LAUNCH();
   }));
-  AT_DISPATCH_SWITCH(grad_theta.scalar_type(), "attention_pool_theta_grad", LUSSCORE_AP_CASES([&] {
+  AT_DISPATCH_SWITCH(grad_theta.scalar_type(), "attention_pool_theta_grad", LUSSCORE_AP_THETA_CASES([&] {
     const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
     const int blocks = static_cast<int>(std::min<int64_t>((L + kThetaCols - 1) / kThetaCols, sms * 8));
     attention_pool_theta_grad_kernel<scalar_t>

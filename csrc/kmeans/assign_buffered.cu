@@ -26,13 +26,15 @@ namespace {
 
 // The GEMM score buffer: 256 MB by default. LUSSCORE_KMEANS_SCORE_MB overrides it (a buffer
 // that fits in L2 trades DRAM traffic for more, smaller GEMMs; bench_kmeans.py sweeps it).
+// At least 1 MB; at most 2^31 - 1 scores, so one GEMM's output stays within cuBLAS's int range.
 int64_t score_buffer_elems() {
   int64_t mb = 256;
   if (const char* env = std::getenv("LUSSCORE_KMEANS_SCORE_MB")) {
     const long long v = std::atoll(env);
-    if (v > 0) mb = v;
+    if (v > 0) mb = std::min<long long>(v, 8192);
   }
-  return mb * (int64_t(1) << 20) / int64_t(sizeof(float));
+  return std::min<int64_t>(mb * (int64_t(1) << 20) / int64_t(sizeof(float)),
+                           std::numeric_limits<int32_t>::max());
 }
 constexpr int64_t kMaxCentroidTile = 8192;
 
@@ -160,6 +162,7 @@ void assign_buffered(const at::Tensor& x_in, const at::Tensor& c32, Metric metri
     u_in = 0x1p-8;
   }
   const int64_t k_tile = std::min(k, kMaxCentroidTile);
+  // Rows per chunk: at least 1024 (a buffer under 1024 x k_tile scores grows to that).
   const int64_t n_tile = std::min(n, std::max<int64_t>(1024, score_buffer_elems() / k_tile));
   const at::Tensor buffer = at::empty({n_tile * k_tile}, x_in.options().dtype(at::kFloat));
   const bool multi_tile = k_tile < k;

@@ -12,6 +12,10 @@
 // through the same kernel again in its collect mode, which lists every centroid within the
 // row's threshold (at most 16; more: the buffered path below); a warp per row then re-scores
 // the list canonically.
+//
+// Centroids are rounded to fp32 (float64 ones too, as on the CPU). For fp16 rows, centroids past
+// fp16's range (|value| > 65504) would become inf in x's dtype: then the rows run through the
+// fp32 kernels, widened chunk by chunk (a range check with one device-to-host sync, fp16 only).
 #include <ATen/Context.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -542,19 +546,48 @@ void assign_fused(const at::Tensor& x_in, const at::Tensor& c32, Metric metric,
 }
 
 
+// Does a centroid lie past fp16's range (|value| > 65504)? Rounded to fp16 (the fused MMA's B
+// operand, the buffered GEMM's input) it would become inf. One device-to-host sync.
+bool exceeds_fp16(const at::Tensor& c32) {
+  if (c32.numel() == 0) return false;
+  const auto [lo, hi] = at::aminmax(c32);
+  return at::maximum(hi, -lo).item<float>() > 65504.f;
+}
+
+// Rows of x widened to fp32 at a time by the fp16 fallback: the copy stays under 256 MB.
+constexpr int64_t kWidenElems = int64_t(1) << 26;
+
 std::tuple<at::Tensor, at::Tensor> kmeans_assign_cuda(const at::Tensor& x_in,
                                                       const at::Tensor& centroids,
                                                       c10::string_view metric_name) {
   const Metric metric = kmeans::parse_metric(metric_name);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  auto [labels, values] = kmeans::assign_prepare(x_in, centroids, /*allow_double=*/false);
+  auto [labels, values] = kmeans::assign_prepare(x_in, centroids, /*allow_double_x=*/false);
   const int64_t n = x_in.size(0), k = centroids.size(0), d = x_in.size(1);
   if (n == 0) return {labels, values};
+  // The path first: a forced fused path that cannot run fails before any copy.
+  const bool fused = use_fused(n, k, d);
+  // float64 centroids are rounded to fp32, as the CPU does for fp32/bf16/fp16 rows.
   const at::Tensor c32 = centroids.to(at::kFloat).contiguous();
-  if (use_fused(n, k, d)) {
-    assign_fused(x_in, c32, metric, labels, values);
+  auto run = [&](const at::Tensor& x, const at::Tensor& l, const at::Tensor& v) {
+    if (fused) {
+      assign_fused(x, c32, metric, l, v);
+    } else {
+      assign_buffered(x, c32, metric, l, v);
+    }
+  };
+  if (x_in.scalar_type() == at::kHalf && exceeds_fp16(c32)) {
+    // fp16 rows against centroids past fp16's range: the fp32 kernels on the rows widened
+    // (exactly), chunk by chunk, give the CPU's labels and values (it computes in fp32). The
+    // range check costs one device-to-host sync per call, for fp16 x only.
+    const int64_t chunk = std::max<int64_t>(1, kWidenElems / d);  // d >= 1: c32 is not empty
+    for (int64_t r0 = 0; r0 < n; r0 += chunk) {
+      const int64_t rows = std::min(chunk, n - r0);
+      run(x_in.narrow(0, r0, rows).to(at::kFloat), labels.narrow(0, r0, rows),
+          values.narrow(0, r0, rows));
+    }
   } else {
-    assign_buffered(x_in, c32, metric, labels, values);
+    run(x_in, labels, values);
   }
   return {labels, values};
 }

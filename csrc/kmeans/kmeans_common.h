@@ -17,22 +17,26 @@ inline Metric parse_metric(c10::string_view metric) {
               std::string(metric), "\"");
 }
 
+// allow_double = false: the CUDA kernels, which take fp32/bf16/fp16 rows only.
 inline void check_features(const at::Tensor& t, const char* name, bool allow_double) {
   check_dim(t, 2, name);
   if (allow_double) {
     check_dtype(t, {at::kFloat, at::kDouble, at::kBFloat16, at::kHalf}, name);
   } else {
+    TORCH_CHECK(t.scalar_type() != at::kDouble, name, " must have dtype in {Float, BFloat16, Half} "
+                "on CUDA, got Double (float64 rows run on the CPU only)");
     check_dtype(t, {at::kFloat, at::kBFloat16, at::kHalf}, name);
   }
 }
 
 // Checks and output allocation of kmeans_assign: labels int64 (N) and values (N), float32
-// (float64 when x is float64).
+// (float64 when x is float64). Centroids may be float64 on both devices: they are rounded to
+// the compute type (float32 unless x is float64). allow_double_x: x may be float64 (CPU only).
 inline std::tuple<at::Tensor, at::Tensor> assign_prepare(const at::Tensor& x,
                                                          const at::Tensor& centroids,
-                                                         bool allow_double) {
-  check_features(x, "x", allow_double);
-  check_features(centroids, "centroids", allow_double);
+                                                         bool allow_double_x) {
+  check_features(x, "x", allow_double_x);
+  check_features(centroids, "centroids", /*allow_double=*/true);
   check_same_device(x, centroids, "x", "centroids");
   TORCH_CHECK(x.size(1) == centroids.size(1), "x and centroids must have the same number of "
               "columns (D), got x ", x.sizes(), " and centroids ", centroids.sizes());

@@ -324,7 +324,7 @@ std::tuple<at::Tensor, at::Tensor> kmeans_assign_cpu(const at::Tensor& x,
                                                      const at::Tensor& centroids,
                                                      c10::string_view metric_name) {
   const Metric metric = kmeans::parse_metric(metric_name);
-  auto [labels, values] = kmeans::assign_prepare(x, centroids, /*allow_double=*/true);
+  auto [labels, values] = kmeans::assign_prepare(x, centroids, /*allow_double_x=*/true);
   if (x.size(0) == 0) return {labels, values};
   if (values.scalar_type() == at::kDouble) {
     assign_tiles<double>(x, centroids, metric, labels, values);

@@ -37,8 +37,9 @@ __global__ void labels_to_keys_kernel(const int64_t* __restrict__ labels, int32_
   }
 }
 
-// Block b sums segment b (of the segments of all clusters, cluster-major) for a tile of
-// columns: one thread per column, rows in sorted (= row) order, in double.
+// Block (b, y) sums segment b (of the segments of all clusters, cluster-major) over the columns
+// y * blockDim.x + threadIdx.x, stepping by gridDim.y * blockDim.x (grid.y is capped at 65535,
+// so any D works): one thread per column at a time, rows in sorted (= row) order, in double.
 template <typename x_t>
 __global__ void segment_sums_kernel(const x_t* __restrict__ x, int64_t d,
                                     const int32_t* __restrict__ order,
@@ -56,20 +57,21 @@ __global__ void segment_sums_kernel(const x_t* __restrict__ x, int64_t d,
   const int64_t cluster = lo;
   const int64_t m0 = starts[cluster] + (seg - seg_starts[cluster]) * kmeans::kUpdateSegment;
   const int64_t m1 = min(m0 + kmeans::kUpdateSegment, starts[cluster + 1]);
-  const int64_t col = blockIdx.y * int64_t(blockDim.x) + threadIdx.x;
-  if (col >= d) return;
-  double acc = 0.0;
-  int64_t m = m0;
-  constexpr int kUnroll = 8;
-  for (; m + kUnroll <= m1; m += kUnroll) {
-    float v[kUnroll];
+  for (int64_t col = blockIdx.y * int64_t(blockDim.x) + threadIdx.x; col < d;
+       col += int64_t(gridDim.y) * blockDim.x) {
+    double acc = 0.0;
+    int64_t m = m0;
+    constexpr int kUnroll = 8;
+    for (; m + kUnroll <= m1; m += kUnroll) {
+      float v[kUnroll];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) v[u] = to_float(x[int64_t(order[m + u]) * d + col]);
+      for (int u = 0; u < kUnroll; ++u) v[u] = to_float(x[int64_t(order[m + u]) * d + col]);
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) acc += static_cast<double>(v[u]);
+      for (int u = 0; u < kUnroll; ++u) acc += static_cast<double>(v[u]);
+    }
+    for (; m < m1; ++m) acc += static_cast<double>(to_float(x[int64_t(order[m]) * d + col]));
+    partial[seg * d + col] = acc;
   }
-  for (; m < m1; ++m) acc += static_cast<double>(to_float(x[int64_t(order[m]) * d + col]));
-  partial[seg * d + col] = acc;
 }
 
 template <typename out_t>
@@ -137,13 +139,15 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cuda(const at::Tensor& x_in,
   at::Tensor seg_counts = at::floor_divide(counts + (kmeans::kUpdateSegment - 1), kmeans::kUpdateSegment);
   at::Tensor seg_starts = at::zeros({k + 1}, labels.options());
   seg_starts.narrow(0, 1, k).copy_(at::cumsum(seg_counts, 0));
-  // An upper bound on the number of segments avoids a device-to-host sync.
-  const int64_t max_segments = n / kmeans::kUpdateSegment + std::min(n, k);
+  // An upper bound on the number of segments avoids a device-to-host sync. Every segment holds
+  // a row, so it is at most n < 2^31: within grid.x's limit (2^31 - 1).
+  const int64_t max_segments = std::min(n, n / kmeans::kUpdateSegment + std::min(n, k));
   at::Tensor partial = at::empty({max_segments, d}, x_in.options().dtype(at::kDouble));
   const at::Tensor x = x_in.contiguous();
   constexpr int kColumnThreads = 128;
+  constexpr int64_t kMaxGridY = 65535;  // the kernel loops over the columns past grid.y's reach
   const dim3 grid(static_cast<unsigned>(max_segments),
-                  static_cast<unsigned>((d + kColumnThreads - 1) / kColumnThreads));
+                  static_cast<unsigned>(std::min(kMaxGridY, (d + kColumnThreads - 1) / kColumnThreads)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "kmeans_update_cuda", [&] {
     segment_sums_kernel<scalar_t><<<grid, kColumnThreads, 0, stream>>>(
         x.data_ptr<scalar_t>(), d, order.data_ptr<int32_t>(), starts.data_ptr<int64_t>(),

@@ -1,6 +1,9 @@
 // Shape/dtype checks and output allocation of overlap_gather, shared by both devices.
 #pragma once
 
+#include <cstdint>
+#include <limits>
+
 #include "common/checks.h"
 #include "overlap_gather/overlap_gather_kernel.h"
 
@@ -61,9 +64,19 @@ inline OverlapGeometry overlap_geometry(const at::Tensor& boxes1, const at::Tens
   return geo;
 }
 
+// The taps hold int32 map indices: H and W below 2^31 on both devices (a larger extent would
+// wrap to "outside" and sample zeros).
+inline void overlap_check_extent(int64_t h, int64_t w, const char* name) {
+  constexpr int64_t kMax = std::numeric_limits<int32_t>::max();
+  TORCH_CHECK(h <= kMax && w <= kMax, "overlap_gather: ", name,
+              " must have H and W below 2^31, got ", h, "x", w);
+}
+
 inline void overlap_check_features(const at::Tensor& f1, const at::Tensor& f2) {
   check_dim(f1, 4, "f1");
   check_dim(f2, 4, "f2");
+  overlap_check_extent(f1.size(2), f1.size(3), "f1");
+  overlap_check_extent(f2.size(2), f2.size(3), "f2");
   check_dtype(f1, {at::kFloat, at::kDouble, at::kHalf, at::kBFloat16}, "f1");
   TORCH_CHECK(f2.scalar_type() == f1.scalar_type(), "f1 and f2 must have the same dtype, got ",
               f1.scalar_type(), " and ", f2.scalar_type());
@@ -102,6 +115,8 @@ inline void overlap_check_backward(const at::Tensor& grad_g1, const at::Tensor& 
   TORCH_CHECK(h1 >= 0 && w1 >= 0 && h2 >= 0 && w2 >= 0,
               "overlap_gather_backward: map sizes must be non-negative, got ", h1, "x", w1,
               " and ", h2, "x", w2);
+  overlap_check_extent(h1, w1, "the map of view 1 (height1 x width1)");
+  overlap_check_extent(h2, w2, "the map of view 2 (height2 x width2)");
 }
 
 inline at::Tensor overlap_grad_input(const at::Tensor& grad_g, int64_t h, int64_t w,

@@ -9,9 +9,13 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/util/safe_numerics.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <map>
+#include <mutex>
+#include <utility>
 
 #include "common/cuda_utils.cuh"
 #include "overlap_gather/overlap_gather_common.h"
@@ -120,7 +124,10 @@ __global__ void __launch_bounds__(kOverlapThreads)
 
 // grad_f[b, c, y, x] = sum_i wy_i(y) * sum_j wx_j(x) * grad_g[b, c, i, j], i and j running
 // over the lattice points touching row y / column x in increasing order (as on the CPU).
-template <typename scalar_t, bool kChannelsLast, int V>
+// kSharedRanges: each map row/column's touching range is built once per block in shared
+// memory; when W + H ranges do not fit next to the taps (even with the opt-in maximum), each
+// thread finds them from the taps instead (the same ranges, so the same sums, only slower).
+template <typename scalar_t, bool kChannelsLast, int V, bool kSharedRanges>
 __global__ void __launch_bounds__(kOverlapThreads)
     scatter_kernel(const scalar_t* __restrict__ gg, scalar_t* __restrict__ gf,
                    OverlapGeometry geo, SliceDecoder dec, int view, int64_t B, int64_t C,
@@ -136,10 +143,12 @@ __global__ void __launch_bounds__(kOverlapThreads)
     __syncthreads();
     load_taps(taps, geo, b, view, H, W);
     __syncthreads();
-    for (int64_t t = threadIdx.x; t < W + H; t += blockDim.x) {
-      ranges[t] = t < W ? touch_range(taps, S, t) : touch_range(taps + S, S, t - W);
+    if constexpr (kSharedRanges) {
+      for (int64_t t = threadIdx.x; t < W + H; t += blockDim.x) {
+        ranges[t] = t < W ? touch_range(taps, S, t) : touch_range(taps + S, S, t - W);
+      }
+      __syncthreads();
     }
-    __syncthreads();
     const scalar_t* gb = gg + b * C * SS;
     scalar_t* fb = gf + b * C * HW;
     const int64_t end = min(slice_vecs, (chunk + 1) * chunk_vecs);
@@ -150,7 +159,14 @@ __global__ void __launch_bounds__(kOverlapThreads)
       const unsigned int c = kChannelsLast ? outer.mod : outer.div;
       const auto yx = dec.cols.divmod(kChannelsLast ? outer.div : outer.mod);
       const int y = static_cast<int>(yx.div), x = static_cast<int>(yx.mod);
-      const int2 xr = ranges[x], yr = ranges[W + y];
+      int2 xr, yr;
+      if constexpr (kSharedRanges) {
+        xr = ranges[x];
+        yr = ranges[W + y];
+      } else {
+        xr = touch_range(taps, S, x);
+        yr = touch_range(taps + S, S, y);
+      }
       acc_t acc[V];
 #pragma unroll
       for (int k = 0; k < V; ++k) acc[k] = acc_t(0);
@@ -184,10 +200,18 @@ __global__ void __launch_bounds__(kOverlapThreads)
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
-// In-slice indices are 32-bit: one batch item of one map must hold < 2^31 elements.
+// In-slice indices are 32-bit: one batch item of a map (C x plane elements) must hold fewer
+// than 2^31 elements. Checked before anything is allocated or copied (the CPU kernels have no
+// such limit; CUDA says so instead of computing wrong indices).
+void check_slice(int64_t C, int64_t rows, int64_t cols, const char* name) {
+  int64_t n = 0;
+  const bool overflow = c10::mul_overflows(C, rows, &n) || c10::mul_overflows(n, cols, &n);
+  TORCH_CHECK(!overflow && n < (int64_t(1) << 31), "overlap_gather (CUDA): one batch item of ",
+              name, " may hold at most 2^31 - 1 elements, got C x H x W = ", C, " x ", rows,
+              " x ", cols);
+}
+
 SliceDecoder slice_decoder(int64_t C, int64_t plane, int64_t cols, bool channels_last) {
-  TORCH_CHECK(C * plane < (int64_t(1) << 31), "overlap_gather: one batch item of a map may ",
-              "hold at most 2^31 - 1 elements, got ", C, " x ", plane);
   SliceDecoder dec;
   dec.inner = Divider(static_cast<unsigned int>(std::max<int64_t>(1, channels_last ? C : plane)));
   dec.cols = Divider(static_cast<unsigned int>(std::max<int64_t>(1, cols)));
@@ -199,10 +223,37 @@ int64_t grid_for(int64_t blocks) {
   return std::max<int64_t>(1, std::min<int64_t>(blocks, sms * 32));
 }
 
-size_t shared_bytes(int64_t S, int64_t H, int64_t W, size_t tap_bytes, bool ranges) {
-  const size_t bytes = 2 * S * tap_bytes + (ranges ? (H + W) * sizeof(int2) : 0);
-  TORCH_CHECK(bytes <= 48 * 1024, "overlap_gather: size ", S, " with a ", H, "x", W,
-              " map needs ", bytes, " bytes of shared memory (at most 49152)");
+// Dynamic shared memory a kernel may use without opting in.
+constexpr size_t kDefaultSharedBytes = 48 * 1024;
+
+// The most dynamic shared memory one block of the current device may use after opting in
+// (the device properties are cached per device by ATen).
+size_t max_optin_shared_bytes() {
+  return at::cuda::getCurrentDeviceProperties()->sharedMemPerBlockOptin;
+}
+
+// Above 48 KB a kernel must be allowed its dynamic shared memory explicitly, per device. The
+// largest amount granted so far is remembered per (kernel, device), so the attribute is set
+// once per size increase rather than on every launch.
+void opt_in_shared_bytes(const void* kernel, size_t bytes) {
+  if (bytes <= kDefaultSharedBytes) return;
+  const int device = c10::cuda::current_device();
+  static std::mutex mutex;
+  static std::map<std::pair<const void*, int>, size_t> granted;
+  const std::lock_guard<std::mutex> lock(mutex);
+  size_t& have = granted[{kernel, device}];
+  if (have >= bytes) return;
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                      static_cast<int>(bytes)));
+  have = bytes;
+}
+
+// Shared memory of one block: 2 x S taps, plus W + H touching ranges (backward). The taps
+// alone always fit in 48 KB (S <= 1024, 24-byte taps at most).
+size_t tap_bytes(int64_t S, size_t tap_size) {
+  const size_t bytes = 2 * S * tap_size;
+  TORCH_CHECK(bytes <= kDefaultSharedBytes, "overlap_gather (CUDA): size ", S, " needs ", bytes,
+              " bytes of shared memory for its taps, more than ", kDefaultSharedBytes);
   return bytes;
 }
 
@@ -218,7 +269,7 @@ void launch_gather(const at::Tensor& f, const at::Tensor& g, bool channels_last,
   const int V = vec ? kVec : 1;
   const int64_t chunk_vecs = int64_t(kOverlapThreads) * kVectorsPerThread;
   const int64_t chunks = std::max<int64_t>(1, (C * S * S / V + chunk_vecs - 1) / chunk_vecs);
-  const size_t smem = shared_bytes(S, H, W, sizeof(OverlapTap<acc_t>), false);
+  const size_t smem = tap_bytes(S, sizeof(OverlapTap<acc_t>));
   const SliceDecoder dec = slice_decoder(C, S * S, S, channels_last);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(grid_for(B * chunks));
@@ -248,21 +299,30 @@ void launch_scatter(const at::Tensor& gg, const at::Tensor& gf, bool channels_la
   const int V = vec ? kVec : 1;
   const int64_t chunk_vecs = int64_t(kOverlapThreads) * kVectorsPerThread;
   const int64_t chunks = std::max<int64_t>(1, (C * H * W / V + chunk_vecs - 1) / chunk_vecs);
-  const size_t smem = shared_bytes(S, H, W, sizeof(OverlapTap<acc_t>), true);
+  // The ranges go to shared memory when they fit (opting in above 48 KB), else each thread
+  // finds its own.
+  const size_t taps = tap_bytes(S, sizeof(OverlapTap<acc_t>));
+  const size_t with_ranges = taps + static_cast<size_t>(H + W) * sizeof(int2);
+  const bool shared_ranges = with_ranges <= std::max(kDefaultSharedBytes, max_optin_shared_bytes());
+  const size_t smem = shared_ranges ? with_ranges : taps;
   const SliceDecoder dec = slice_decoder(C, H * W, W, channels_last);
   const auto stream = at::cuda::getCurrentCUDAStream();
   const dim3 grid(grid_for(B * chunks));
   const scalar_t* src = gg.const_data_ptr<scalar_t>();
   scalar_t* dst = gf.mutable_data_ptr<scalar_t>();
-  if (vec) {
-    scatter_kernel<scalar_t, true, kVec><<<grid, kOverlapThreads, smem, stream>>>(
-        src, dst, geo, dec, view, B, C, H, W, chunk_vecs, chunks);
-  } else if (channels_last) {
-    scatter_kernel<scalar_t, true, 1><<<grid, kOverlapThreads, smem, stream>>>(
-        src, dst, geo, dec, view, B, C, H, W, chunk_vecs, chunks);
+  auto launch = [&](auto kernel) {
+    opt_in_shared_bytes(reinterpret_cast<const void*>(kernel), smem);
+    kernel<<<grid, kOverlapThreads, smem, stream>>>(src, dst, geo, dec, view, B, C, H, W,
+                                                    chunk_vecs, chunks);
+  };
+  if (shared_ranges) {
+    if (vec) launch(scatter_kernel<scalar_t, true, kVec, true>);
+    else if (channels_last) launch(scatter_kernel<scalar_t, true, 1, true>);
+    else launch(scatter_kernel<scalar_t, false, 1, true>);
   } else {
-    scatter_kernel<scalar_t, false, 1><<<grid, kOverlapThreads, smem, stream>>>(
-        src, dst, geo, dec, view, B, C, H, W, chunk_vecs, chunks);
+    if (vec) launch(scatter_kernel<scalar_t, true, kVec, false>);
+    else if (channels_last) launch(scatter_kernel<scalar_t, true, 1, false>);
+    else launch(scatter_kernel<scalar_t, false, 1, false>);
   }
   LUSSCORE_CUDA_CHECK_LAUNCH();
 }
@@ -274,6 +334,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> overlap_gather_cuda(
   overlap_check_features(f1_in, f2_in);
   check_device_type(f1_in, at::kCUDA, "f1");
   overlap_check_pairs(f1_in, f1_in.size(0), boxes1_in, boxes2_in, flips1_in, flips2_in, size);
+  check_slice(f1_in.size(1), f1_in.size(2), f1_in.size(3), "f1");
+  check_slice(f2_in.size(1), f2_in.size(2), f2_in.size(3), "f2");
+  check_slice(f1_in.size(1), size, size, "g1");
+  check_slice(f2_in.size(1), size, size, "g2");
   const c10::cuda::CUDAGuard guard(f1_in.device());
   auto [g1, g2, valid] = overlap_gather_outputs(f1_in, f2_in, size);
   if (f1_in.size(0) == 0) return {g1, g2, valid};
@@ -300,6 +364,10 @@ std::tuple<at::Tensor, at::Tensor> overlap_gather_backward_cuda(
   check_device_type(grad_g1_in, at::kCUDA, "grad_g1");
   overlap_check_pairs(grad_g1_in, grad_g1_in.size(0), boxes1_in, boxes2_in, flips1_in,
                       flips2_in, size);
+  check_slice(grad_g1_in.size(1), size, size, "grad_g1");
+  check_slice(grad_g2_in.size(1), size, size, "grad_g2");
+  check_slice(grad_g1_in.size(1), height1, width1, "the gradient of f1");
+  check_slice(grad_g2_in.size(1), height2, width2, "the gradient of f2");
   const c10::cuda::CUDAGuard guard(grad_g1_in.device());
   const bool cl1 = overlap_is_channels_last(grad_g1_in);
   const bool cl2 = overlap_is_channels_last(grad_g2_in);

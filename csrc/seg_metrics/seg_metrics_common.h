@@ -23,6 +23,8 @@ inline SegMetricsShape seg_metrics_check(const at::Tensor& pred, const at::Tenso
               "pred must be one (H, W) label map or a batch (B, H, W), got shape ", pred.sizes());
   TORCH_CHECK(pred.sizes() == gt.sizes(), "pred and gt must have the same shape, got ",
               pred.sizes(), " and ", gt.sizes());
+  // Every integer dtype: uint8, int8, int16, int32, int64, uint16, uint32, uint64, on both
+  // devices. Ids are compared as int64 (a uint64 id >= 2^63 wraps to a negative id).
   for (const at::Tensor* t : {&pred, &gt}) {
     TORCH_CHECK(at::isIntegralType(t->scalar_type(), /*includeBool=*/false),
                 (t == &pred ? "pred" : "gt"), " must hold integer label ids, got dtype ",

@@ -1,4 +1,4 @@
-#include <ATen/Dispatch.h>
+#include <ATen/Dispatch_v2.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -178,7 +178,9 @@ void seg_metrics_update_cpu(const at::Tensor& pred, const at::Tensor& gt, int64_
   const Accumulators acc{region_conf.data_ptr<int64_t>(), boundary_conf.data_ptr<int64_t>(),
                          shape.rows, num_classes};
   const int64_t hw = shape.height * shape.width;
-  AT_DISPATCH_INTEGRAL_TYPES(p.scalar_type(), "seg_metrics_update_cpu", [&] {
+  // Every integer dtype seg_metrics_check admits, the unsigned 16/32/64-bit ones included (as
+  // on CUDA, ids are compared as int64).
+  AT_DISPATCH_V2(p.scalar_type(), "seg_metrics_update_cpu", AT_WRAP([&] {
     const scalar_t* pp = p.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
     for (int64_t b = 0; b < shape.batch; ++b) {
@@ -188,7 +190,7 @@ void seg_metrics_update_cpu(const at::Tensor& pred, const at::Tensor& gt, int64_
                              pred_stats.data_ptr<int64_t>() + b * 2 * (shape.rows + 1),
                              gt_hist.data_ptr<int64_t>() + b * (num_classes + 2));
     }
-  });
+  }), AT_EXPAND(AT_INTEGRAL_TYPES_V2));
 }
 
 }  // namespace

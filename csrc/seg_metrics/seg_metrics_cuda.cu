@@ -170,6 +170,7 @@ void seg_metrics_update_cuda(const at::Tensor& pred, const at::Tensor& gt, int64
   const int64_t total = batch * h * w;
   if (total == 0) return;
   auto [p, g] = seg_metrics_inputs(pred, gt);
+  // Any integer dtype the check admits: the kernels read int64 ids (the CPU casts the same way).
   at::Tensor pl = p.to(at::kLong);
   if (pred_lut.has_value() && pred_lut->numel() > 0) {
     const at::Tensor lut = pred_lut->contiguous();

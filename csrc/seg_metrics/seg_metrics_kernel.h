@@ -25,8 +25,12 @@ constexpr int kNumSets = 5;     // all pixels + four size buckets
 constexpr int kNoBucket = -1;
 
 // Dilation of the boundary band: max(1, round_half_even(ratio * diagonal)), as Python's round.
+// Any d >= max(H, W) puts every pixel in the band, so d is capped there: a huge (or infinite)
+// ratio gives the all-band result instead of an out-of-range float-to-int conversion.
 inline int64_t band_dilation(int64_t h, int64_t w, double ratio) {
-  const double x = ratio * std::sqrt(static_cast<double>(h * h + w * w));
+  const double x = ratio * std::sqrt(static_cast<double>(h) * h + static_cast<double>(w) * w);
+  const int64_t cap = h > w ? h : w;
+  if (x >= static_cast<double>(cap)) return cap < 1 ? 1 : cap;
   const int64_t d = static_cast<int64_t>(std::nearbyint(x));  // default mode: half to even
   return d < 1 ? 1 : d;
 }

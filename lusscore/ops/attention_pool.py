@@ -70,8 +70,11 @@ def attention_pool(x: torch.Tensor, a: torch.Tensor, theta: torch.Tensor,
     """x, a (B, L, H, W) of one float dtype, theta (L) -> (pooled (B, L), mean_attention).
 
     mean_attention is (B, H, W) when return_mean_attention, else an empty tensor. Outputs
-    have x's dtype; sums are accumulated in fp32 (fp64 for fp64 inputs). Channels-last
-    inputs are accepted (the kernels read a contiguous copy).
+    have x's dtype; sums are accumulated in fp32 (fp64 for fp64 inputs). x and a may be
+    float32, bfloat16 or float16 on both devices, float64 on the CPU only; theta may have
+    any of the four float dtypes on both (read in the accumulation type; its gradient comes
+    back in its own dtype). H * W must be below 2^25. Channels-last inputs are accepted (the
+    kernels read a contiguous copy).
     """
     if reference_enabled():
         _check_inputs(x, a, theta)

@@ -11,6 +11,11 @@ centroid within a proven error bound of the best is re-scored exactly in float64
 shared by both devices: labels equal a float64 brute force and agree across devices.
 On CUDA, LUSSCORE_KMEANS_ASSIGN=fused|buffered forces the fused kernel or the older
 GEMM-into-a-buffer path (used by default below ~128 rows per SM).
+Centroids may be float64 on both devices: they are rounded to float32 unless x is float64
+(float64 x runs on the CPU only). For fp16 x on CUDA, centroids past fp16's range (|value| >
+65504, inf once rounded to fp16) send the rows through the fp32 kernels instead (widened in
+chunks), so the labels and values stay the CPU's; the range check costs one device-to-host
+sync per call, for fp16 x only.
 
 kmeans_update(x, labels, k) -> (sums (K, D) fp32 (fp64 for fp64 x), counts (K) int64):
 deterministic per-cluster sums (no float atomics; bit-identical on CPU and CUDA).
@@ -72,6 +77,8 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, metric: str = "l2",
         check_finite_rows("kmeans_assign x", x)
     if reference_enabled():
         _kmeans_assign_fake(x, centroids, metric)  # the op's checks
+        if x.dtype != torch.float64:  # the kernels' compute type: centroids rounded to float32
+            centroids = centroids.float()
         labels, values = _reference.kmeans_assign(x, centroids, metric)
         return labels, values.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     return torch.ops.lusscore.kmeans_assign(x, centroids, metric)

@@ -122,7 +122,8 @@ def overlap_gather(f1: torch.Tensor, f2: torch.Tensor, boxes1: torch.Tensor,
     (contiguous or channels-last); boxes1, boxes2: (B, 4) float (left, top, width, height)
     in original-image pixels; flips1, flips2: (B) bool/int, true where the view was
     mirrored horizontally. Returns g1 (B, C1, S, S), g2 (B, C2, S, S) laid out like their
-    maps, and valid (B) bool (False: no overlap, g1 = g2 = 0 there).
+    maps, and valid (B) bool (False: no overlap, g1 = g2 = 0 there). On CUDA one batch item
+    of a map (C x H x W, and C x S x S) must hold fewer than 2^31 elements.
     """
     if reference_enabled():
         _overlap_gather_fake(f1, f2, boxes1, boxes2, flips1, flips2, size, cell_centers)

@@ -53,7 +53,11 @@ def seg_metrics_update_(pred: torch.Tensor, gt: torch.Tensor, num_classes: int,
                         pred_stats: torch.Tensor, gt_hist: torch.Tensor,
                         ignore_index: int = 1000, boundary_ratio: float = 0.03,
                         pred_lut: torch.Tensor | None = None) -> None:
-    """Accumulate one (H, W) map pair or a (B, H, W) batch into the accumulators in place."""
+    """Accumulate one (H, W) map pair or a (B, H, W) batch into the accumulators in place.
+
+    pred and gt may have any integer dtype (uint8, int8, int16, int32, int64, uint16, uint32,
+    uint64; the two may differ) on either device; ids are compared as int64.
+    """
     if reference_enabled():
         _reference_update_(pred, gt, num_classes, ignore_index, boundary_ratio, pred_lut,
                            region_conf, boundary_conf, pred_stats, gt_hist)
@@ -80,5 +84,8 @@ def _reference_update_(pred, gt, num_classes, ignore_index, boundary_ratio, pred
 
 
 def band_dilation(height: int, width: int, boundary_ratio: float = 0.03) -> int:
-    """d = max(1, round(ratio * diagonal)) with Python's half-to-even rounding."""
-    return max(1, round(boundary_ratio * math.sqrt(height * height + width * width)))
+    """d = max(1, round(ratio * diagonal)) with Python's half-to-even rounding, capped at
+    max(H, W) as in the kernels (from there on every pixel is in the band)."""
+    x = boundary_ratio * math.sqrt(height * height + width * width)
+    cap = max(height, width)
+    return max(1, cap) if x >= cap else max(1, round(x))

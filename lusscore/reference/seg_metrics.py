@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 
 def band_dilation(h: int, w: int, ratio: float = 0.03) -> int:
-    return max(1, round(ratio * math.sqrt(h * h + w * w)))
+    # Capped at max(H, W): more erosions change nothing (every pixel is in the band already).
+    x = ratio * math.sqrt(h * h + w * w)
+    return max(1, max(h, w)) if x >= max(h, w) else max(1, round(x))
 
 
 def label_band(mask: torch.Tensor, d: int) -> torch.Tensor:
