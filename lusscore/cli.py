@@ -22,6 +22,7 @@ COMMANDS = {
     "finetune": ("lusscore.stages.finetune", "fine-tune backbone + (K+1)-way head on pseudo labels"),
     "infer": ("lusscore.stages.infer", "predict a split's label maps with the fine-tuned model"),
     "run": ("lusscore.stages.run", "run every stage of a config in order, skipping completed ones"),
+    "ablate": ("lusscore.stages.ablate", "run named variants of a config (an ablation table) side by side"),
     "evaluate": ("lusscore.stages.evaluate", "ImageNet-S metrics of prediction PNGs (official numbers)"),
     "baselines": ("lusscore.stages.baselines",
                   "trivial floors (colour k-means, centre disc, all 'other') scored on a split"),
@@ -29,6 +30,8 @@ COMMANDS = {
     "semi": ("lusscore.stages.semi", "semi-supervised protocol: fine-tune on train-semi GT, evaluate"),
     "distance-match": ("lusscore.stages.distance_match",
                        "distance-matching protocol: kNN to train-semi regions, evaluate"),
+    "cross-eval": ("lusscore.stages.cross_eval",
+                   "score a run on another ImageNet-S subset (e.g. S919 on S50: the paper's Tab 6)"),
     "submit": ("lusscore.stages.submit", "zip a run's test predictions for the ImageNet-S test server"),
 }
 

@@ -18,8 +18,10 @@ DEFAULTS = "defaults"  # configs/defaults.yaml: every optional key, under every 
 
 
 def packaged_configs() -> list[str]:
+    """The packaged run configs (not the defaults, not the `luss ablate` rows files)."""
     return sorted(p.name.removesuffix(".yaml") for p in resources.files("lusscore.configs").iterdir()
-                  if p.name.endswith(".yaml") and p.name != f"{DEFAULTS}.yaml")
+                  if p.name.endswith(".yaml") and p.name != f"{DEFAULTS}.yaml"
+                  and not p.name.startswith("ablations_"))
 
 
 def with_defaults(cfg: dict) -> dict:

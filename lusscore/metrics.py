@@ -295,10 +295,14 @@ class SegEvaluator:
         out.update(self._image_metrics(target, fg))
         out["IoUs"] = [float(v) for v in ious]
         out["BIoUs"] = [float(v) for v in bious]
+        # The paper's App. B (Tab 15): the means over the C classes, 'other' left out.
+        out["mIoU_without_other"] = float(ious[1:].mean()) if len(ious) > 1 else math.nan
+        out["mBIoU_without_other"] = float(bious[1:].mean()) if len(bious) > 1 else math.nan
         out["match"] = None if match is None else {int(k): int(v) for k, v in match.items()}
         out["num_images"] = self.num_images
         out["out_of_range_ids"] = sorted(self.out_of_range_ids)
-        return {k: out[k] for k in KEYS + ("IoUs", "BIoUs", "match", "num_images",
+        return {k: out[k] for k in KEYS + ("IoUs", "BIoUs", "mIoU_without_other",
+                                           "mBIoU_without_other", "match", "num_images",
                                            "out_of_range_ids")}
 
     def _image_metrics(self, target: np.ndarray, fg: np.ndarray) -> dict:

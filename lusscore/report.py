@@ -487,6 +487,7 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
     if cluster_file.is_file():
         c = _read_json(cluster_file)
         for k, label in (("nmi", "cluster NMI (image level)"),
+                         ("nmi_validation", "cluster NMI (image level, validation)"),
                          ("hungarian_accuracy", "cluster Hungarian accuracy (image level)")):
             if isinstance(c.get(k), (int, float)):
                 rows_summary.append([label, f"{100 * c[k]:.1f}%"])

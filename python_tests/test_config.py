@@ -62,6 +62,6 @@ def test_every_config_sits_over_the_defaults(tmp_path):
     assert list(cfg)[0] == "name" and list(cfg["pretrain"])[:2] == ["epochs", "loss_weights"]
     assert cfg["pretrain"]["epochs"] == 3 and cfg["pretrain"]["weight_decay"] == 1.0e-6
     assert cfg["pretrain"]["loss_weights"] == {"swav": 1.0}  # a mapping value is never merged into
-    assert cfg["attention"]["optimizer"] == "sgd" and cfg["seed"] == 0
+    assert cfg["attention"]["optimizer"] == "lars" and cfg["seed"] == 0
     assert with_defaults(cfg) == cfg  # a saved run config loads back to itself
     assert apply_overrides(cfg, ["cluster.nredo=4"])["cluster"]["nredo"] == 4  # defaults are settable

@@ -209,3 +209,57 @@ def test_cli_label_with_resnet_checkpoint(dataset, tmp_path, capsys):
     bad[bad.index(str(tmp_path / "centroids.npy"))] = str(tmp_path / "missing.npy")
     assert luss(bad) == 2
     assert "centroids file not found" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ label.method (Tab 10a)
+def _features(backbone, attention, img):
+    with torch.no_grad():
+        z = backbone(img)
+        up = F.interpolate(z, scale_factor=4, mode="bilinear", align_corners=False)
+        x = F.normalize(up, dim=1)
+    return z, up, x
+
+
+@pytest.mark.parametrize("pooling", ["attention", "mean"])
+def test_image_level_labels_put_the_image_cluster_where_its_cam_map_passes_tau(tmp_path, pooling):
+    root = _write_dataset(tmp_path)
+    backbone, attention, centroids = _models(3)
+    rule = label_stage.LabelRule("image", pooling=pooling, pool_features="raw")
+    path = root / "train" / "n002" / "e.JPEG"
+    img = label_stage.load_image_tensor(path, 64)[None]
+    labels, maps = label_stage.label_batch(backbone, attention, centroids, img, [(100, 75)], 0.5,
+                                           rule=rule)
+    z, up, x = _features(backbone, attention, img)
+    cent = F.normalize(centroids, dim=1)
+    if pooling == "mean":
+        pooled = F.normalize(z.mean(dim=(2, 3)), dim=1)
+    else:
+        pooled = F.normalize(attention(z, return_attention=False, pool_features="raw"), dim=1)
+    k = int((pooled @ cent.t()).argmax())
+    cam = torch.einsum("blhw,l->bhw", x, cent[k])[0]
+    cam = (cam - cam.min()) / (cam.max() - cam.min())
+    torch.testing.assert_close(maps[0], cam)
+    assert maps[0].min() == 0 and maps[0].max() == pytest.approx(1)
+    want = label_stage.apply_tau(torch.full((100, 75), k + 1, dtype=torch.int32), cam, 0.5)
+    assert torch.equal(labels[0], want)
+    assert set(labels[0].unique().tolist()) == {0, k + 1}
+
+
+def test_pixel_kmeans_labels_map_the_other_cluster_to_0_and_ignore_tau(tmp_path):
+    root = _write_dataset(tmp_path)
+    backbone, attention, centroids = _models(4)
+    path = root / "train" / "n001" / "c.JPEG"
+    img = label_stage.load_image_tensor(path, 64)[None]
+    rule = label_stage.LabelRule("pixel_kmeans", other_cluster=2)
+    labels, maps = label_stage.label_batch(backbone, attention, centroids, img, [(90, 64)], 0.9,
+                                           rule=rule)
+    _, _, x = _features(backbone, attention, img)
+    nearest = torch.einsum("blhw,kl->bkhw", x, F.normalize(centroids, dim=1)).argmax(1)[0]
+    lut = torch.tensor([1, 2, 0, 3, 4])  # cluster 2 is 'other'; the rest keep their order
+    full = F.interpolate(lut[nearest][None, None].float(), size=(90, 64), mode="nearest")[0, 0]
+    assert torch.equal(labels[0], full.to(torch.int32))  # tau 0.9 masks nothing
+    assert torch.equal(maps[0], torch.ones_like(maps[0]))
+    with pytest.raises(Exception, match="other"):
+        label_stage.LabelRule("pixel_kmeans")
+    with pytest.raises(Exception, match="label.method"):
+        label_stage.LabelRule("cam")

@@ -257,7 +257,7 @@ def _pretrain_loss_and_grads(model, batch):
     out = model(batch.by_size())
     total, parts = pass_losses(out, bs, len(batch.images), weights, pcfg, None,
                                model.prototypes.weight)
-    total = add_p2p(model, out, batch, bs, weights, total, parts)
+    total = add_p2p(model, out, batch, bs, weights, total, parts, pcfg)
     total.backward()
     return total.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
@@ -276,8 +276,9 @@ def test_pretrain_step_fused_and_reference_agree():
     assert ref_calls.calls == {}
     torch.testing.assert_close(loss_r, loss_f, rtol=1e-5, atol=1e-6)
     assert grads_f.keys() == grads_r.keys() and any(k.startswith("p2p.") for k in grads_f)
-    for k in grads_f:
-        torch.testing.assert_close(grads_r[k], grads_f[k], rtol=1e-4, atol=1e-6, msg=k)
+    for k in grads_f:  # float32 sums in another order: the slack scales with the gradient
+        atol = 1e-6 + 1e-5 * grads_r[k].abs().max().item()
+        torch.testing.assert_close(grads_r[k], grads_f[k], rtol=1e-4, atol=atol, msg=k)
 
 
 def test_attention_step_fused_and_reference_agree():

@@ -85,6 +85,20 @@ def test_every_stage_writes_its_outputs(finished_run, tiny_root):
     assert result["mIoU"] == pytest.approx(want, abs=1e-6) == metrics["mIoU"]
     log = [json.loads(line) for line in (run / "pretrain.jsonl").read_text().splitlines()]
     assert {"loss_swav", "loss_d2s", "loss_p2p", "lr"} <= set(log[0])
+    # The validation NMI of the image-level clusters, recounted: nearest centroid by brute force.
+    from lusscore.metrics import nmi
+    from lusscore.models.backbone import load_attention_checkpoint
+    from lusscore.stages.attention_features import pooled_features
+    cfg = tiny_cfg(tiny_root)["cluster"]
+    backbone, attention, _ = load_attention_checkpoint(run / "attention.pt")
+    val = ds.split_images("validation")
+    feats = pooled_features(backbone, attention, [v.image for v in val], resize=cfg["resize"],
+                            crop=cfg["crop"], pool_features=cfg["pool_features"])
+    centroids = torch.from_numpy(np.load(run / "cluster" / "centroids.npy"))
+    nearest = torch.cdist(feats.double(), centroids.double()).argmin(1).numpy()
+    truth = [ds.class_id(v.name.split("/")[0]) for v in val]
+    summary = json.loads((run / "cluster" / "summary.json").read_text())
+    assert summary["nmi_validation"] == pytest.approx(nmi(nearest, np.array(truth)), abs=1e-12)
 
 
 def test_rerun_skips_completed_stages(finished_run, tiny_root, monkeypatch):
@@ -379,3 +393,171 @@ def test_demo_config_runs_every_protocol(finished_run):
     assert summary["unsupervised"]["match"] == "hungarian" and summary["semi"]["match"] == "none"
     for name in ("semi.pt", "semi/metrics.json", "distance_match/bank.pt", "distance_match/metrics.json"):
         assert (run / name).is_file(), name
+
+
+def test_without_finetuning_the_pseudo_labels_are_the_predictions(tiny_root, tmp_path):
+    """finetune.enabled false (Tab 10d): no label train, no fine-tuning; the protocol scores
+    the validation pseudo labels at the swept tau, exactly what the sweep measured there."""
+    from lusscore.stages.layout import RunDir
+    cfg = apply_overrides(tiny_cfg(tiny_root), ["finetune.enabled=false",
+                                                "protocols=[unsupervised]"])
+    run = tmp_path / "run"
+    result = run_stage.run_pipeline(StageContext(cfg, run, Runtime(torch.device("cpu"))))
+    assert not (run / "finetune.pt").exists() and not (run / "labels" / "train").exists()
+    sweep = json.loads((run / "sweep_tau.json").read_text())
+    assert result["mIoU"] == pytest.approx(sweep["best"]["mIoU"], abs=1e-9)
+    ds = ImageNetS(tiny_root)
+    preds = RunDir(run).predictions("unsupervised", "validation")
+    for s in ds.segmentation_samples("validation"):
+        pseudo = read_label_png(run / "labels" / "validation" / s.name)  # tau 0, for the sweep
+        att = torch.from_numpy(np.load((run / "labels" / "validation" / s.name).with_suffix(".npy")))
+        from lusscore.stages.label import apply_tau
+        want = apply_tau(torch.from_numpy(pseudo), att, sweep["best_tau"]).numpy()
+        np.testing.assert_array_equal(read_label_png(preds / s.name), want)
+
+
+@pytest.mark.parametrize("method", ["image", "pixel_kmeans"])
+def test_label_methods_run_end_to_end(tiny_root, tmp_path, method):
+    """label.method image: one class per train label map; pixel_kmeans: C + 1 pixel
+    centroids, one of them 'other'. Both fine-tune and score like PASS's labels."""
+    cfg = apply_overrides(tiny_cfg(tiny_root), [f"label.method={method}",
+                                                "protocols=[unsupervised]"])
+    run = tmp_path / "run"
+    result = run_stage.run_pipeline(StageContext(cfg, run, Runtime(torch.device("cpu"))))
+    summary = json.loads((run / "cluster" / "summary.json").read_text())
+    centroids = np.load(run / "cluster" / "centroids.npy")
+    ds = ImageNetS(tiny_root)
+    labels = [read_label_png(run / "labels" / "train" / p.relative_to(ds.split_dir("train"))
+                             .with_suffix(".png")) for p, _ in ds.image_samples("train")]
+    if method == "pixel_kmeans":
+        assert centroids.shape[0] == 4 and summary["other_cluster"] in range(4)
+        assert summary["pixels"] == len(labels) * (48 // 16) ** 2  # every stage-4 pixel of the crops
+        assert sum(int((lab == 0).sum()) for lab in labels) > 0
+        assert max(int(lab.max()) for lab in labels) <= 3
+    else:
+        assert centroids.shape[0] == 3
+        assert all(len(set(np.unique(lab).tolist()) - {0}) <= 1 for lab in labels)
+        assert len({int(lab.max()) for lab in labels}) > 1  # the images' clusters differ
+    assert (run / "finetune.pt").is_file() and "mIoU" in result
+
+
+def test_ablate_runs_rows_side_by_side_reusing_identical_steps(tiny_root, tmp_path, capsys):
+    import yaml
+    from lusscore import cli
+    from lusscore.config import save_config
+    config = tmp_path / "tiny.yaml"
+    save_config(config, apply_overrides(tiny_cfg(tiny_root), ["protocols=[unsupervised]"]))
+    rows = tmp_path / "rows.yaml"
+    rows.write_text(yaml.safe_dump({"rows": [
+        {"name": "base", "set": []},
+        {"name": "pixel", "set": ["label.method=pixel_kmeans"]},
+        {"name": "plain", "set": ["finetune.enabled=false"]}]}))
+    out = tmp_path / "ablation"
+    assert cli.main(["ablate", str(config), "--run-dir", str(out), "--rows", str(rows),
+                     "--device", "cpu", "--quiet"]) == 0
+    stdout = capsys.readouterr().out
+    assert "pixel: reusing pretrain, attention" in stdout
+    assert "plain: reusing pretrain, attention, cluster, sweep_tau, label" in stdout
+    for step_file in ("pretrain.pt", "attention.pt"):  # one copy on disk
+        assert os.stat(out / "pixel" / step_file).st_ino == os.stat(out / "base" / step_file).st_ino
+    assert (os.stat(out / "pixel" / "cluster" / "centroids.npy").st_ino
+            != os.stat(out / "base" / "cluster" / "centroids.npy").st_ino)
+    table = json.loads((out / "ablation.json").read_text())
+    assert list(table["rows"]) == ["base", "pixel", "plain"]
+    assert set(table["floors"]) == {"colour_kmeans", "centre_disc", "all_other"}
+    assert (os.stat(out / "plain" / "baselines.json").st_ino
+            == os.stat(out / "base" / "baselines.json").st_ino)  # the floors computed once
+    for name in ("base", "pixel", "plain"):
+        run_metrics = json.loads((out / name / "metrics.json").read_text())
+        assert table["rows"][name]["unsupervised"]["validation"] == pytest.approx(run_metrics["mIoU"])
+    sweep = json.loads((out / "base" / "sweep_tau.json").read_text())
+    # the pseudo labels at the swept tau, matched on validation: what the sweep measured
+    assert table["rows"]["base"]["pseudo_labels"]["validation"] == pytest.approx(sweep["best"]["mIoU"])
+    # without fine-tuning the predictions are the pseudo labels
+    plain = table["rows"]["plain"]
+    assert plain["unsupervised"]["validation"] == pytest.approx(plain["pseudo_labels"]["validation"])
+    md = (out / "ablation.md").read_text()
+    assert md.count("| floor: ") == len(table["floors"]) and "| pixel |" in md
+    assert (out / "ablation.png").stat().st_size > 0
+    # a second call with --only reruns nothing it has and keeps every finished row
+    assert cli.main(["ablate", str(config), "--run-dir", str(out), "--rows", str(rows),
+                     "--device", "cpu", "--only", "plain", "--quiet"]) == 0
+    assert list(json.loads((out / "ablation.json").read_text())["rows"]) == ["base", "pixel", "plain"]
+
+
+def test_pretraining_reads_data_pretrain_root_when_set(tiny_root, tmp_path):
+    """S919 pretrains on the full ImageNet-1k train folder: data.pretrain_root, any ImageFolder."""
+    import shutil
+    from lusscore.data.imagenet_s import image_folder_samples
+    from lusscore.stages.pretrain import pretrain
+    from lusscore.utils import LusscoreError
+    extra = tmp_path / "imagenet1k" / "train"
+    train = sorted(p for p, _ in ImageNetS(tiny_root).image_samples("train"))
+    for i, p in enumerate(train[:8]):  # 8 images in two class folders: one batch of 8
+        d = extra / f"n{i % 2:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, d / p.name)
+    samples = image_folder_samples(extra.parent)
+    assert len(samples) == 8 and {c for _, c in samples} == {0, 1}
+    assert image_folder_samples(extra) == samples  # ROOT/<class>/* as well as ROOT/train/<class>/*
+    (tmp_path / "empty" / "n0").mkdir(parents=True)
+    with pytest.raises(LusscoreError, match="no images"):
+        image_folder_samples(tmp_path / "empty")
+    cfg = apply_overrides(tiny_cfg(tiny_root), [f"data.pretrain_root={extra.parent}",
+                                                "pretrain.epochs=1"])
+    run = tmp_path / "run"
+    pretrain(StageContext(cfg, run, Runtime(torch.device("cpu"))))
+    log = [json.loads(line) for line in (run / "pretrain.jsonl").read_text().splitlines()]
+    assert len(log) == 1  # 8 images, batch 8; the train split (24 images) would give 3 steps
+
+
+def _subset(root, out, wnids):
+    """An ImageNet-S subset of root's validation with the given classes, its GT re-numbered."""
+    import shutil
+    from lusscore.data import write_label_png
+    from lusscore.data.imagenet_s import write_categories
+    ds = ImageNetS(root)
+    lut = {0: 0, 1000: 1000, **{ds.class_id(w): 0 for w in ds.wnids}}
+    lut.update({ds.class_id(w): i + 1 for i, w in enumerate(wnids)})
+    write_categories(out / "categories.txt", wnids)
+    lines = []
+    for s in ds.segmentation_samples("validation"):
+        if s.name.split("/")[0] not in wnids:
+            continue
+        img = out / "validation" / s.image.relative_to(ds.split_dir("validation"))
+        img.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(s.image, img)
+        gt = read_label_png(s.label)
+        write_label_png(out / "validation-segmentation" / s.name, np.vectorize(lut.get)(gt))
+        lines.append(f"{img.relative_to(out / 'validation').as_posix()} {s.name}")
+    (out / "names").mkdir()
+    (out / "names" / "validation.txt").write_text("\n".join(lines) + "\n")
+    return out
+
+
+@pytest.mark.parametrize("protocol", ["unsupervised", "semi"])
+def test_cross_subset_evaluation_maps_ids_through_the_subset(finished_run, tiny_root, tmp_path,
+                                                             protocol):
+    """A run on 3 classes scored on a 2-class subset (Tab 6): unsupervised by a K x C
+    Hungarian match (the unpaired id counts as 'other'), semi through the wnids."""
+    from lusscore import cli
+    from lusscore.matching import load_match
+    from lusscore.stages.evaluate import evaluate
+    run, _ = finished_run
+    wnids = ImageNetS(tiny_root).wnids
+    subset = _subset(tiny_root, tmp_path / "sub", [wnids[0], wnids[2]])
+    assert cli.main(["cross-eval", "--run-dir", str(run), "--data", str(subset),
+                     "--protocol", protocol, "--device", "cpu", "--quiet"]) == 0
+    folder = run / "cross" / "sub" / protocol
+    match = load_match(folder / "validation_match.json")
+    if protocol == "semi":
+        assert match == {0: 0, 1: 1, 2: 0, 3: 2}
+    else:
+        assert sorted(match) == [0, 1, 2, 3] and match[0] == 0
+        assert sorted(v for k, v in match.items() if k) == [0, 1, 2]  # one id unpaired: 'other'
+    metrics = json.loads((folder / "validation_metrics.json").read_text())
+    want = evaluate(subset / "validation-segmentation", folder / "validation", 2,
+                    subset / "names" / "validation.txt", str(folder / "validation_match.json"))
+    assert metrics["mIoU"] == pytest.approx(want["mIoU"]) and len(metrics["IoUs"]) == 3
+    preds = sorted((folder / "validation").rglob("*.png"))
+    assert len(preds) == len((subset / "names" / "validation.txt").read_text().split("\n")) - 1

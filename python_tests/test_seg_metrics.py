@@ -21,8 +21,12 @@ from lusscore.ops.seg_metrics import band_dilation, new_accumulators, seg_metric
 from lusscore.reference import seg_metrics as ref
 from lusscore.stages.evaluate import evaluate
 from lusscore.utils import LusscoreError
-from python_tests.conftest import requires_cuda
+from python_tests.conftest import cuda_usable, requires_cuda
 from python_tests.samples import blocky_label_map, segmentation_pair
+
+requires_two_gpus = pytest.mark.skipif(
+    not cuda_usable() or torch.cuda.device_count() < 2,
+    reason="needs two CUDA GPUs (cuda:1) and lusscore built with CUDA kernels")
 
 FIX = Path(__file__).parent / "fixtures" / "imagenet_s_eval"
 EXPECTED = json.loads((FIX / "expected.json").read_text())
@@ -167,6 +171,108 @@ def test_cpu_cuda_parity():
         a = run_op(pred, gt, 919)
         b = run_op(pred.cuda(), gt.cuda(), 919)
         assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+LABEL_DTYPES = [torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16,
+                torch.uint32, torch.uint64]
+
+
+def _typed_pair(dtype, h=45, w=61, seed=0):
+    """(pred, gt, ignore_index) in `dtype`: ids the dtype holds, ids past the rows, the
+    ignore id (1000, or one the dtype holds), negative ids for signed dtypes and, for 32/64-bit
+    unsigned dtypes, an id above 2^31."""
+    small = dtype in (torch.uint8, torch.int8)
+    ignore = (100 if dtype == torch.int8 else 250) if small else 1000
+    gt = blocky_label_map(h, w, (0, 1, 2, 5), block=5, seed=seed, ignore_frac=0.03,
+                          ignore_index=ignore)
+    pred = blocky_label_map(h, w, (0, 1, 2, 9, 31), block=4, seed=seed + 1)
+    pred[0, :3] = torch.tensor([12, 40, 7])  # an id beyond C with its own row, one beyond R
+    gt[-1, :2] = torch.tensor([6, 7])  # GT ids beyond C: counted in gt_hist's last column
+    if dtype.is_signed:
+        pred[1, 0], gt[-2, 0] = -3, -2
+    if dtype in (torch.uint32, torch.uint64):
+        pred[2, 0] = 2 ** 32 - 5
+    return pred.to(dtype), gt.to(dtype), ignore
+
+
+@pytest.mark.parametrize("dtype", LABEL_DTYPES)
+def test_op_every_integer_dtype(device, dtype):
+    """Every integer dtype the shared check admits runs on both devices: the CPU equals the
+    reference, CUDA equals the CPU; also as a mixed pair with int64 GT, transposed
+    (non-contiguous) and with a LUT."""
+    pred, gt, ignore = _typed_pair(dtype, seed=LABEL_DTYPES.index(dtype))
+    lut = torch.tensor([0, 2, 1, 3, 5, 4, 1, 0, 0, 2])
+    cases = [(pred, gt, None), (pred, gt.long(), None), (pred.t(), gt.t(), None),
+             (pred, gt, lut)]
+    for p, g, lut_ in cases:
+        kw = dict(ignore_index=ignore, pred_lut=lut_)
+        if device.type == "cpu":
+            assert_same_as_reference(p, g, 5, 40, **kw)
+        else:
+            want = run_op(p, g, 5, 40, **kw)
+            got = run_op(p.to(device), g.to(device), 5, 40,
+                         **{**kw, "pred_lut": None if lut_ is None else lut_.to(device)})
+            assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+@requires_cuda
+def test_cuda_grid_stride_past_one_grid():
+    """More pixels than one grid of the pixel kernels covers (capped_blocks: sms * 32 blocks of
+    256 threads), in a batch: equal to the CPU."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    B = 3
+    side = int(math.ceil(math.sqrt(1.2 * sms * 32 * 256 / B)))
+    assert B * side * side > sms * 32 * 256
+    pairs = [segmentation_pair(side, side + 7, 30, num_classes=50, seed=s) for s in range(B)]
+    pred = torch.stack([p for p, _ in pairs])
+    gt = torch.stack([g for _, g in pairs])
+    want = run_op(pred, gt, 50)
+    got = run_op(pred.cuda(), gt.cuda(), 50)
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    assert want["region_conf"][0].sum() == (gt != 1000).sum()
+
+
+@requires_two_gpus
+def test_cuda_non_default_device():
+    """Maps and accumulators on cuda:1 while cuda:0 is current: the accumulators on cuda:1 get
+    the CPU's counts."""
+    assert torch.cuda.current_device() == 0
+    pred, gt = segmentation_pair(120, 90, 5, num_classes=20, seed=7)
+    lut = torch.arange(30).flip(0)
+    want = run_op(pred, gt, 20, 30, pred_lut=lut)
+    acc = new_accumulators(20, 30, device="cuda:1")
+    seg_metrics_update_(pred.to("cuda:1"), gt.to("cuda:1"), 20, **acc, pred_lut=lut.to("cuda:1"))
+    for k in want:
+        assert acc[k].device == torch.device("cuda:1")
+        assert torch.equal(acc[k].cpu(), want[k]), k
+    assert torch.cuda.current_device() == 0
+
+
+def test_op_argument_limits(device):
+    p = torch.zeros(4, 5, dtype=torch.long, device=device)
+    acc = new_accumulators(3, device=device)
+    with pytest.raises(RuntimeError, match="num_classes must be >= 1, got 0"):
+        seg_metrics_update_(p, p, 0, **acc)
+    with pytest.raises(RuntimeError, match="boundary_ratio must be >= 0, got -0.5"):
+        seg_metrics_update_(p, p, 3, **acc, boundary_ratio=-0.5)
+    with pytest.raises(RuntimeError, match="boundary_ratio must be >= 0, got nan"):
+        seg_metrics_update_(p, p, 3, **acc, boundary_ratio=float("nan"))
+    with pytest.raises(RuntimeError, match="pred_lut must have dtype"):
+        seg_metrics_update_(p, p, 3, **acc, pred_lut=torch.zeros(3, dtype=torch.int32, device=device))
+
+
+def test_op_huge_boundary_ratio_is_all_band(device):
+    """d is capped at max(H, W) (every pixel is in the band beyond that): an enormous or
+    infinite ratio gives what any ratio with d >= max(H, W) gives, not an overflowed d."""
+    pred, gt = (t.to(device) for t in segmentation_pair(20, 30, 4, num_classes=6, seed=8))
+    assert band_dilation(20, 30, 1.0) == band_dilation(20, 30, float("inf")) == 30
+    want = ref.seg_metrics_update(pred.cpu(), gt.cpu(), 6, 7, boundary_ratio=1.0)
+    huge = ref.seg_metrics_update(pred.cpu(), gt.cpu(), 6, 7, boundary_ratio=float("inf"))
+    assert all(torch.equal(huge[k], want[k]) for k in want)
+    for ratio in (1.0, 1e300, float("inf")):
+        got = run_op(pred, gt, 6, 7, boundary_ratio=ratio)
+        assert all(torch.equal(got[k].reshape(want[k].shape), want[k]) for k in want), ratio
+        assert got["boundary_conf"][0, 7].sum() == 0  # no valid pixel outside the pred band
 
 
 # ------------------------------------------------------------------ matching
@@ -500,3 +606,21 @@ def test_munkres_opcheck_and_compile():
     compiled = torch.compile(lambda c: munkres_assign(c) * 1, fullgraph=True, backend="aot_eager")
     assert torch.equal(compiled(cost), munkres_assign(cost))
     assert munkres_assign(cost).tolist() == [1, 0, 2]
+
+
+def test_without_other_means_leave_out_the_other_class():
+    """App. B (Tab 15): mIoU and mBIoU over classes 1..C only."""
+    spec = RUNS["noisy_boundary__unmatched"]
+    res = _evaluator(spec["prediction_dir"], spec["names_file"], "cpu").compute()
+    assert res["mIoU_without_other"] == pytest.approx(np.mean(res["IoUs"][1:]))
+    assert res["mBIoU_without_other"] == pytest.approx(np.mean(res["BIoUs"][1:]))
+    with_other = np.mean(res["IoUs"])
+    assert res["mIoU"] == pytest.approx(with_other)
+    assert res["mIoU_without_other"] != pytest.approx(res["mIoU"])
+    pred = torch.tensor([[0, 0, 1, 1], [0, 0, 2, 2]])
+    gt = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 2]])
+    ev = SegEvaluator(2)
+    ev.update(pred, gt)
+    r = ev.compute()  # IoU: other 1, class 1 2/3, class 2 1/2
+    assert r["mIoU_without_other"] == pytest.approx(100 * (2 / 3 + 1 / 2) / 2)
+    assert r["mIoU"] == pytest.approx(100 * (1 + 2 / 3 + 1 / 2) / 3)

@@ -74,7 +74,8 @@ def test_finetuning_fits_its_labels(tmp_path, tiny_data):
     import numpy as np
     from lusscore.data.imagenet_s import SegmentationSample
     cfg, run = tiny_run(tmp_path, tiny_data)
-    cfg = apply_overrides(cfg, ["finetune.epochs=80", "finetune.base_lr=1.0"])
+    # Output stride 8: a 32 px crop gives 4x4 logits, fine enough to fit these maps.
+    cfg = apply_overrides(cfg, ["finetune.epochs=80", "finetune.base_lr=1.0", "model.output_stride=8"])
     model = train(cfg, run)
     ds = ImageNetS(tiny_data)
     samples = [SegmentationSample(image=p, label=run / "labels" / "train" / name, name=name)
@@ -89,7 +90,7 @@ def test_finetuning_fits_its_labels(tmp_path, tiny_data):
         hits += int((pred[valid] == gt[valid]).sum())
         others += int((gt[valid] == 0).sum())
         pixels += int(valid.sum())
-    assert hits / pixels > others / pixels + 0.08, (hits / pixels, others / pixels)
+    assert hits / pixels > others / pixels + 0.1, (hits / pixels, others / pixels)
     log = [json.loads(line) for line in (run / "finetune.jsonl").read_text().splitlines()]
     first, last = (np.mean([r["loss"] for r in log if r["epoch"] == e]) for e in (0, 79))
     assert last < 0.75 * first, (first, last)
@@ -116,3 +117,18 @@ def test_finetune_errors(tmp_path, tiny_data):
         ft.build_segmentation_model(StageContext(cfg, run, Runtime(torch.device("cpu"))), "pretrain")
     with pytest.raises(Exception, match="no label PNGs"):
         ft.label_pairs(tmp_path / "empty", {})
+
+
+def test_cam_inference_thresholds_the_image_class_logit_map():
+    """infer.mode cam (App. A): the class of the largest mean logit over 1..C, on the pixels
+    where its min-max normalised logit map is >= cam_tau; 'other' elsewhere."""
+    logits = torch.zeros(2, 4, 3, 3)
+    logits[0, 2] = torch.arange(9.0).view(3, 3)      # image 0: class 2, a ramp 0..8
+    logits[0, 0] = 100.0                             # 'other' wins every argmax but never CAM
+    logits[1, 3] = torch.tensor([[5.0, 5, 1], [1, 1, 1], [1, 1, 1]])
+    pred = infer.cam_prediction(logits, 0.5)
+    assert pred[0].tolist() == [[0, 0, 0], [0, 2, 2], [2, 2, 2]]  # (v - 0) / 8 >= 0.5: v >= 4
+    assert pred[1].tolist() == [[3, 3, 0], [0, 0, 0], [0, 0, 0]]
+    assert torch.equal(infer.cam_prediction(logits, 0.0)[0], torch.full((3, 3), 2))
+    with pytest.raises(Exception, match="infer.mode"):
+        infer.predict_map(None, torch.zeros(1, 3, 4, 4), (4, 4), Runtime(torch.device("cpu")), "max")

@@ -109,6 +109,20 @@ def _scan_images(folder: Path) -> list[Path]:
     return sorted(_iter_images(folder))
 
 
+def image_folder_samples(root: str | os.PathLike) -> list[tuple[Path, int]]:
+    """(image, index of its class folder) of an ImageFolder tree: ROOT/train/<class>/* when
+    ROOT has a train folder (e.g. the full ImageNet-1k), else ROOT/<class>/*."""
+    root = Path(root)
+    folder = root / "train" if (root / "train").is_dir() else root
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    classes = sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+    samples = [(p, i) for i, d in enumerate(classes) for p in _scan_images(d)]
+    if not samples:
+        raise LusscoreError(f"{folder}: no images in class folders (expected {folder}/<class>/*.JPEG)")
+    return samples
+
+
 @dataclass(frozen=True)
 class ImageSample:
     """An image of a split, GT or not: what a prediction needs."""

@@ -30,7 +30,8 @@ def model_section(config: dict) -> dict:
 def build_attention(config: dict, channels: int) -> PixelAttention:
     cfg = config.get("attention", {}) or {}
     return PixelAttention(channels, hidden=cfg.get("hidden"), upsample=cfg.get("upsample", 4),
-                          pool_features=cfg.get("pool_features", "normalized"))
+                          pool_features=cfg.get("pool_features", "normalized"),
+                          shared=cfg.get("shared", False))
 
 
 def save_attention_checkpoint(path: str | os.PathLike, backbone: nn.Module,

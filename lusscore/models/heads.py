@@ -19,7 +19,8 @@ class ProjectionHead(nn.Module):
 
 
 class D2SHead(nn.Module):
-    """Stage-3 map -> 1x1-conv MLP -> global pool -> projection MLP -> L2 (unit vectors)."""
+    """A shallow stage's map -> 1x1-conv MLP -> global pool -> projection MLP -> L2 (unit
+    vectors)."""
 
     def __init__(self, in_channels: int, mid_channels: int, hidden: int, out_dim: int):
         super().__init__()
@@ -30,8 +31,8 @@ class D2SHead(nn.Module):
             nn.ReLU(inplace=True))
         self.project = ProjectionHead(mid_channels, hidden, out_dim)
 
-    def forward(self, stage3: torch.Tensor) -> torch.Tensor:
-        pooled = self.conv(stage3).mean(dim=(2, 3))
+    def forward(self, shallow: torch.Tensor) -> torch.Tensor:
+        pooled = self.conv(shallow).mean(dim=(2, 3))
         return F.normalize(self.project(pooled), dim=1)
 
 

@@ -22,33 +22,51 @@ from lusscore.utils import LusscoreError
 
 
 class PASSPretrainModel(nn.Module):
-    """Backbone + SwAV projection and prototypes + optional D2S and P2P branches."""
+    """Backbone + SwAV projection and prototypes + optional D2S and P2P branches.
 
-    def __init__(self, model_cfg: dict, weights: dict, p2p_lattice: int = 7):
+    D2S has one head per supervised shallow stage (d2s_stages, default {3}); as in the paper
+    (Eq. 3-4) and the reference code it sees the two large crops only."""
+
+    def __init__(self, model_cfg: dict, weights: dict, p2p_lattice: int = 7,
+                 d2s_stages=(3,), p2p: dict | None = None):
         super().__init__()
         self.backbone = build_trunk(model_cfg)
-        c3, c4 = self.backbone.stage3_channels, self.backbone.stage4_channels
+        channels = self.backbone.stage_channels
+        c4 = channels[4]
         hidden, dim = model_cfg["hidden_mlp"], model_cfg["feat_dim"]
         self.projection = ProjectionHead(c4, hidden, dim)
         self.prototypes = Prototypes(dim, model_cfg["num_prototypes"])
-        self.d2s = D2SHead(c3, c4, hidden, dim) if weights.get("d2s", 0) > 0 else None
-        self.p2p = (P2PLoss(c4, hidden_dim=hidden, out_dim=dim, size=p2p_lattice)
+        self.d2s = None
+        if weights.get("d2s", 0) > 0:
+            bad = [s for s in d2s_stages if s not in (1, 2, 3)]
+            if bad or not d2s_stages:
+                raise LusscoreError(f"pretrain.d2s.stages must list shallow stages among 1, 2, 3; "
+                                    f"got {list(d2s_stages)}")
+            self.d2s = nn.ModuleDict({f"stage{s}": D2SHead(channels[s], c4, hidden, dim)
+                                      for s in d2s_stages})
+        p2p = p2p or {}  # pretrain.p2p: kind, pixel_mlp, temperature (Tab 8a-b)
+        self.p2p = (P2PLoss(c4, hidden_dim=hidden, out_dim=dim, size=p2p_lattice,
+                            kind=p2p.get("kind", "noncontrastive"),
+                            use_pixel_mlp=p2p.get("pixel_mlp", True),
+                            temperature=p2p.get("temperature", 0.1))
                     if weights.get("p2p", 0) > 0 else None)
 
     def forward(self, groups: list[torch.Tensor]) -> dict:
-        """groups: crops concatenated per resolution (MultiCropBatch.by_size())."""
-        emb, d2s, stage4 = [], [], []
-        for x in groups:
+        """groups: crops concatenated per resolution (MultiCropBatch.by_size()); the first
+        holds the large crops."""
+        emb, stage4 = [], []
+        for g, x in enumerate(groups):
             maps = self.backbone(x)
             emb.append(F.normalize(self.projection(maps["stage4"].mean(dim=(2, 3))), dim=1))
-            if self.d2s is not None:
-                d2s.append(self.d2s(maps["stage3"]))
             stage4.append(maps["stage4"])
+            if g == 0 and self.d2s is not None:
+                # Scores against the detached prototypes: D2S trains the shallow layers only.
+                shallow = {name: F.linear(head(maps[name]), self.prototypes.weight.detach())
+                           for name, head in self.d2s.items()}
         emb = torch.cat(emb)
         out = {"embedding": emb, "scores": self.prototypes(emb), "large_maps": stage4[0]}
         if self.d2s is not None:
-            # Scores against the detached prototypes: D2S trains the shallow layers only.
-            out["d2s_scores"] = F.linear(torch.cat(d2s), self.prototypes.weight.detach())
+            out["d2s_scores"] = shallow  # {"stage3": (2B, K) of the two large crops, ...}
         return out
 
 
@@ -63,7 +81,8 @@ class AttentionModel(nn.Module):
         self.projection = ProjectionHead(c4, mcfg["hidden_mlp"], mcfg["feat_dim"])
         self.prototypes = Prototypes(mcfg["feat_dim"], mcfg["num_prototypes"])
         self.attention = PixelAttention(c4, hidden=acfg["hidden"], upsample=acfg["upsample"],
-                                        pool_features=acfg["pool_features"])
+                                        pool_features=acfg["pool_features"],
+                                        shared=acfg["shared"])
         self.freeze_bn = bool(acfg["freeze_bn"])
         self.freeze_projection_bn = bool(acfg["freeze_projection_bn"])
         for module in (self.backbone, self.projection):

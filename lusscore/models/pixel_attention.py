@@ -6,6 +6,9 @@ attention c = sigmoid(a + theta) with theta per channel (initialised 0), and the
 feature mean_hw(c * x) comes from the fused lusscore attention_pool op, which also gives the
 per-pixel channel-mean attention used for the 'other' mask.
 
+shared=True gives one attention map for every channel (M_A's last conv has one output, theta
+one entry), the ablation of the paper's Tab 10c; the default is one map per channel.
+
 Pooling variants (pool_features): "normalized" pools the L2-normalised x (the paper, and
 the attention-training stage of the reference code); "raw" pools the upsampled but
 unnormalised map, which is what the reference code's clustering step does (DESIGN.md
@@ -24,7 +27,7 @@ POOL_FEATURES = ("normalized", "raw")
 
 class PixelAttention(nn.Module):
     def __init__(self, channels: int, hidden: int | None = None, upsample: int = 4,
-                 pool_features: str = "normalized"):
+                 pool_features: str = "normalized", shared: bool = False):
         super().__init__()
         if channels <= 0:
             raise ValueError(f"channels must be positive, got {channels}")
@@ -34,15 +37,20 @@ class PixelAttention(nn.Module):
             raise ValueError(f"upsample must be >= 1, got {upsample}")
         hidden = channels if hidden is None else hidden
         self.channels, self.hidden, self.upsample = channels, hidden, upsample
-        self.pool_features = pool_features
+        self.pool_features, self.shared = pool_features, bool(shared)
+        maps = 1 if self.shared else channels
         self.mlp = nn.Sequential(
             nn.Conv2d(channels, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, channels, 1, bias=False), nn.BatchNorm2d(channels))
-        self.theta = nn.Parameter(torch.zeros(channels))
+            nn.Conv2d(hidden, maps, 1, bias=False), nn.BatchNorm2d(maps))
+        self.theta = nn.Parameter(torch.zeros(maps))
 
     def extra_repr(self) -> str:
         return (f"channels={self.channels}, hidden={self.hidden}, upsample={self.upsample}, "
-                f"pool_features={self.pool_features!r}")
+                f"pool_features={self.pool_features!r}, shared={self.shared}")
+
+    def channel_theta(self) -> torch.Tensor:
+        """theta per feature channel (L): the shared map's one entry repeated."""
+        return self.theta.expand(self.channels) if self.shared else self.theta
 
     def parameter_groups(self) -> list[dict]:
         """The trainable groups: the M_A weights (convs and BNs) and theta."""
@@ -58,8 +66,10 @@ class PixelAttention(nn.Module):
         return up, F.normalize(up, dim=1)
 
     def attention_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """a = M_A(x) for the normalised map x (without theta)."""
-        return self.mlp(x)
+        """a = M_A(x) (B, L, H, W) for the normalised map x (without theta); a shared map is
+        repeated over the L channels."""
+        a = self.mlp(x)
+        return a.expand(-1, self.channels, -1, -1) if self.shared else a
 
     def forward(self, z: torch.Tensor, return_attention: bool | None = None,
                 pool_features: str | None = None):
@@ -74,5 +84,5 @@ class PixelAttention(nn.Module):
         a = self.attention_logits(x)
         feats = x if pool_features == "normalized" else up
         # Under autocast the logits come out in the low-precision dtype: pool in that dtype.
-        pooled, mean = attention_pool(feats.to(a.dtype), a, self.theta, return_attention)
+        pooled, mean = attention_pool(feats.to(a.dtype), a, self.channel_theta(), return_attention)
         return (pooled, mean) if return_attention else pooled

@@ -1,9 +1,11 @@
-"""ResNet trunks (torchvision's blocks and layout) returning the stage-3 and stage-4 maps.
+"""ResNet trunks (torchvision's blocks and layout) returning the maps of every stage.
 
 With width 64 and output stride 32 the parameters are exactly torchvision's resnet18/50
 (without the classifier), so their state dicts load as they are. A smaller width and an
 output stride of 16 or 8 are options for small images and CPU budgets. `stage4_only` makes
 the forward return the stage-4 map alone (what the label and cluster stages take).
+`zero_init_residual` starts each residual branch at zero (SwAV's torchvision option); PASS's
+reference code leaves it off.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ ARCHS = {
 
 class ResNetTrunk(tv.ResNet):
     def __init__(self, arch: str = "resnet50", width: int = 64, output_stride: int = 32,
-                 zero_init_residual: bool = True, stage4_only: bool = False):
+                 zero_init_residual: bool = False, stage4_only: bool = False):
         if arch not in ARCHS:
             raise ValueError(f"unknown arch {arch!r}; one of {sorted(ARCHS)}")
         if output_stride not in (8, 16, 32):
@@ -44,8 +46,10 @@ class ResNetTrunk(tv.ResNet):
                                        dilate=keep3 and dilate)
         self.layer4 = self._make_layer(block, width * 8, layers[3], stride=1 if keep4 and not dilate else 2,
                                        dilate=keep4 and dilate)
-        self.stage3_channels = width * 4 * block.expansion
-        self.stage4_channels = self.out_channels = width * 8 * block.expansion
+        # Channels of stage s's map: stage_channels[s] for s = 1..4.
+        self.stage_channels = {s: width * 2 ** (s - 1) * block.expansion for s in range(1, 5)}
+        self.stage3_channels = self.stage_channels[3]
+        self.stage4_channels = self.out_channels = self.stage_channels[4]
         self.stage4_only = stage4_only
         self.output_stride = output_stride
         for m in self.modules():
@@ -54,7 +58,7 @@ class ResNetTrunk(tv.ResNet):
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
-        if zero_init_residual:  # as SwAV: each residual branch starts as identity
+        if zero_init_residual:  # each residual branch starts as identity
             for m in self.modules():
                 if isinstance(m, tv.Bottleneck):
                     nn.init.zeros_(m.bn3.weight)
@@ -63,14 +67,19 @@ class ResNetTrunk(tv.ResNet):
 
     def forward(self, x: torch.Tensor):
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-        x = self.layer2(self.layer1(x))
-        stage3 = self.layer3(x)
+        stage1 = self.layer1(x)
+        stage2 = self.layer2(stage1)
+        stage3 = self.layer3(stage2)
         stage4 = self.layer4(stage3)
-        return stage4 if self.stage4_only else {"stage3": stage3, "stage4": stage4}
+        if self.stage4_only:
+            return stage4
+        return {"stage1": stage1, "stage2": stage2, "stage3": stage3, "stage4": stage4}
 
 
 
 def build_trunk(model_cfg: dict, stage4_only: bool = False) -> ResNetTrunk:
     """The run's backbone from its config's `model` section (arch, width, output_stride)."""
     return ResNetTrunk(model_cfg["arch"], width=model_cfg["width"],
-                       output_stride=model_cfg["output_stride"], stage4_only=stage4_only)
+                       output_stride=model_cfg["output_stride"],
+                       zero_init_residual=bool(model_cfg.get("zero_init_residual", False)),
+                       stage4_only=stage4_only)

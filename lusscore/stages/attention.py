@@ -4,8 +4,9 @@ attention-pooled features of a frozen backbone (queue from epoch 0).
 Starts from <run>/pretrain.pt; writes <run>/attention.pt holding 'backbone', 'attention',
 'projection', 'prototypes' and the run config. Faithful to the reference code, the frozen
 backbone's and the projection head's BN statistics keep updating (attention.freeze_bn and
-attention.freeze_projection_bn: true turn that off), and the optimizer is plain SGD with
-momentum (attention.optimizer: sgd; lars is the pretrain optimizer).
+attention.freeze_projection_bn: true turn that off). The reference code trains this stage with
+LARC around SGD (attention.optimizer: lars, every packaged config); plain SGD with momentum
+(sgd) is the other option.
 """
 from __future__ import annotations
 
@@ -25,9 +26,9 @@ OPTIMIZERS = ("sgd", "lars")
 
 
 def attention_optimizer(params, acfg: dict) -> torch.optim.Optimizer:
-    """Plain SGD with momentum, as the reference code's attention stage (attention.optimizer:
-    sgd, the default). LARS (trust 0.001, the pretrain optimizer) scales each step to ~0.1% of
-    the weights' norm times the lr, which leaves the freshly initialised M_A almost untouched."""
+    """lars: LARS with trust 0.001 (apex LARC(clip=False) around SGD, as the reference code's
+    main_pixel_attention.py), which scales each step to trust x lr of the weights' norm (hence
+    its lr 6.0 on S50); sgd: plain SGD with momentum."""
     name = acfg["optimizer"]
     lr, wd = acfg["base_lr"], acfg["weight_decay"]
     if name == "sgd":

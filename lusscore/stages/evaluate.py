@@ -167,6 +167,9 @@ def format_table(result: dict, classes: list[str] | None = None) -> str:
     keys = ("Acc", "mIoU", "mBIoU", "FMeasure", "S", "MS", "ML", "L", "BS", "BMS", "BML", "BL")
     lines += ["Summary:", " ".join(f"{k:>9}" for k in keys),
               " ".join(f"{fmt(result[k]):>9}" for k in keys)]
+    if "mIoU_without_other" in result:
+        lines.append(f"without 'other' (the paper's App. B): mIoU {fmt(result['mIoU_without_other'])}"
+                     f"  mBIoU {fmt(result['mBIoU_without_other'])}")
     return "\n".join(lines)
 
 

@@ -9,6 +9,14 @@ ImageNet-S PNGs under OUT with the image's path relative to the split folder.
 --save-attention also writes each image's stride-8 mean attention as float32 .npy beside the
 PNG; run with --tau 0 to get unmasked labels for a tau sweep (apply_tau gives any tau).
 
+label.method picks how labels are made (the paper's Tab 10a; LabelRule): "attention" (PASS,
+the above); "image" (image-level labels: the image's cluster, the nearest centroid of its
+pooled feature as cluster.pooling pools it, on every pixel whose CAM-style map, the pixel's
+cosine to that centroid min-max normalised over the image (App. A, Eq. 9), is >= tau; the map
+takes the attention's place in the .npy and the sweep); "pixel_kmeans" (pixel-level
+clustering: C + 1 centroids of stage-4 pixel features, each pixel its nearest one, the
+cluster most frequent on image borders 'other'; no tau).
+
 Resumable: images whose outputs exist and are valid are skipped; every file is written to a
 temporary name and renamed, so a killed run leaves no half-written file. Under torchrun
 (RANK/WORLD_SIZE set) every rank labels its own shard.
@@ -35,6 +43,27 @@ from lusscore.ops.kmeans import check_finite_rows
 from lusscore.stages.common import record_step, start_run
 from lusscore.utils import LusscoreError, atomic_path, remove_temp_files
 
+LABEL_METHODS = ("attention", "image", "pixel_kmeans")
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """How a pixel gets its label (label.method); pooling and pool_features: how the image
+    method pools an image's feature (the cluster stage's settings); other_cluster: the
+    pixel_kmeans centroid that is 'other'."""
+    method: str = "attention"
+    pooling: str = "attention"
+    pool_features: str = "raw"
+    other_cluster: int | None = None
+
+    def __post_init__(self):
+        if self.method not in LABEL_METHODS:
+            raise LusscoreError(f"label.method must be one of {LABEL_METHODS}, got {self.method!r}")
+        if self.method == "pixel_kmeans" and self.other_cluster is None:
+            raise LusscoreError("label.method pixel_kmeans needs the cluster that is 'other' "
+                                "(cluster/summary.json's other_cluster)")
+
+
 @dataclass(frozen=True)
 class LabelItem:
     image: Path
@@ -50,12 +79,21 @@ def apply_tau(labels: torch.Tensor, mean_attention: torch.Tensor, tau: float) ->
     return torch.where(att < tau, torch.zeros_like(labels), labels)
 
 
+def min_max(maps: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) maps scaled to [0, 1] per map (App. A, Eq. 9); a constant map becomes 0."""
+    lo = maps.amin(dim=(1, 2), keepdim=True)
+    hi = maps.amax(dim=(1, 2), keepdim=True)
+    return (maps - lo) / (hi - lo).clamp_min(1e-12)
+
+
 @torch.inference_mode()
 def label_batch(backbone, attention, centroids: torch.Tensor, images: torch.Tensor,
-                sizes: list[tuple[int, int]], tau: float, amp: bool = False):
+                sizes: list[tuple[int, int]], tau: float, amp: bool = False,
+                rule: LabelRule = LabelRule()):
     """images (B, 3, h, w) of one size; sizes: each image's original (H, W).
 
-    Returns ([labels (H, W) int32], [mean attention (h/8, w/8) float32]) on the model's device.
+    Returns ([labels (H, W) int32], [mask map (h/8, w/8) float32]) on the model's device:
+    the mean attention (or, by rule, the image method's CAM-style map; ones for pixel_kmeans).
     centroids: (K, L), normalised here.
     """
     device = images.device
@@ -64,10 +102,23 @@ def label_batch(backbone, attention, centroids: torch.Tensor, images: torch.Tens
         _, x = attention.pixel_features(z.float())
         a = attention.attention_logits(x)
     x = x.float()
-    _, mean = attention_pool(x, a.float(), attention.theta.float(), True)
+    _, mean = attention_pool(x, a.float(), attention.channel_theta().float(), True)
     cent = F.normalize(centroids.to(device=device, dtype=torch.float32), dim=1)
     sim = torch.einsum("blhw,kl->bkhw", x, cent)
-    ids = (sim.argmax(dim=1) + 1).to(torch.int32)
+    if rule.method == "attention":
+        ids = (sim.argmax(dim=1) + 1).to(torch.int32)
+    elif rule.method == "image":
+        from lusscore.stages.attention_features import pool_map
+        pooled = pool_map(z, attention if rule.pooling == "attention" else None, rule.pool_features)
+        image_cluster = (pooled @ cent.t()).argmax(dim=1)  # (B,)
+        ids = (image_cluster + 1).to(torch.int32)[:, None, None].expand(-1, *x.shape[2:])
+        mean = min_max(sim[torch.arange(len(sim), device=device), image_cluster])
+    else:  # pixel_kmeans: C + 1 clusters, one of them 'other'
+        lut = torch.arange(len(cent), device=device)
+        lut = torch.where(lut > rule.other_cluster, lut, lut + 1)
+        lut[rule.other_cluster] = 0
+        ids = lut[sim.argmax(dim=1)].to(torch.int32)
+        mean = torch.ones_like(mean)  # no tau: every pixel keeps its cluster
     labels = []
     for i, (h, w) in enumerate(sizes):
         full = F.interpolate(ids[i][None, None].float(), size=(h, w), mode="nearest")[0, 0]
@@ -142,7 +193,8 @@ def _collate(batch):
 
 def label_images(backbone, attention, centroids, items: list[LabelItem], tau: float,
                  device="cpu", batch_size: int = 32, resize: int = 256, workers: int = 0,
-                 writers: int = 4, amp: bool = False, progress: bool = True) -> dict:
+                 writers: int = 4, amp: bool = False, progress: bool = True,
+                 rule: LabelRule = LabelRule()) -> dict:
     """Label `items` (already this rank's shard). Skips items whose outputs are valid.
 
     Returns {'labelled', 'skipped', 'seconds', 'images_per_s'}.
@@ -185,7 +237,7 @@ def label_images(backbone, attention, centroids, items: list[LabelItem], tau: fl
         for idx, images in loader:
             images = images.to(device, non_blocking=True)
             labels, means = label_batch(backbone, attention, centroids, images,
-                                        [orig[i] for i in idx], tau, amp=amp)
+                                        [orig[i] for i in idx], tau, amp=amp, rule=rule)
             labels = [lab.cpu().numpy() for lab in labels]
             means = [m.cpu().numpy() for m in means]
             for i, lab, m in zip(idx, labels, means):
@@ -219,18 +271,20 @@ def load_centroids(path) -> torch.Tensor:
     return torch.from_numpy(c.astype(np.float32))
 
 
-def label_split(ctx, split: str, tau: float, save_attention: bool) -> dict:
-    """Label a split of the run's dataset into <run>/labels/<split> with the run's attention
-    model and centroids (this rank's shard; resumable)."""
+def label_split(ctx, split: str, tau: float, save_attention: bool,
+                out_dir: Path | None = None) -> dict:
+    """Label a split of the run's dataset into out_dir (default <run>/labels/<split>) with the
+    run's attention model and centroids (this rank's shard; resumable)."""
     from lusscore.models.backbone import load_attention_checkpoint
     ds = ctx.dataset
     if split == "train":
         images = [p for p, _ in ds.image_samples("train")]
     else:
-        images = [s.image for s in ds.segmentation_samples(split)]
-    items = plan_items(images, ds.split_dir(split), ctx.run.labels(split), save_attention)
+        images = [s.image for s in ds.prediction_samples(split)]
+    out_dir = ctx.run.labels(split) if out_dir is None else out_dir
+    items = plan_items(images, ds.split_dir(split), out_dir, save_attention)
     if ctx.rt.is_main:  # what a killed run left half-written
-        remove_temp_files(ctx.run.labels(split))
+        remove_temp_files(out_dir)
     ctx.rt.barrier()
     backbone, attention, _ = load_attention_checkpoint(ctx.run.checkpoint("attention"))
     lcfg = ctx.cfg["label"]
@@ -238,11 +292,21 @@ def label_split(ctx, split: str, tau: float, save_attention: bool) -> dict:
                          shard(items, ctx.rt.rank, ctx.rt.world_size), tau, device=ctx.rt.device,
                          batch_size=lcfg["batch_size"], resize=lcfg["resize"],
                          workers=ctx.cfg["data"]["workers"], amp=ctx.rt.device.type == "cuda",
-                         progress=ctx.rt.is_main)
+                         progress=ctx.rt.is_main, rule=run_label_rule(ctx))
     ctx.rt.barrier()
-    if split == "train":  # the validation labels belong to the tau sweep
+    if split == "train" and out_dir == ctx.run.labels(split):  # validation's: the tau sweep's
         record_step(ctx, "label")
     return stats
+
+
+def run_label_rule(ctx) -> LabelRule:
+    """The run's LabelRule: label.method, the cluster stage's pooling and, for pixel_kmeans,
+    the 'other' cluster its summary names."""
+    method, ccfg = ctx.cfg["label"]["method"], ctx.cfg["cluster"]
+    other = None
+    if method == "pixel_kmeans":
+        other = json.loads(ctx.run.cluster_summary.read_text()).get("other_cluster")
+    return LabelRule(method, ccfg["pooling"], ccfg["pool_features"], other)
 
 
 def run_tau(ctx) -> float:

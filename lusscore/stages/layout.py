@@ -24,6 +24,22 @@ from pathlib import Path
 
 from lusscore.utils import LusscoreError
 
+# The paper's ablations as config switches (`luss run --help`, `luss ablate --help`).
+SWITCHES = """the paper's ablations as config switches (--set KEY=VALUE; defaults: PASS):
+  pretrain.loss_weights={swav: 0.5, d2s: 0.5, p2p: 1.0}   a weight of 0 (or absent) drops a part (Tab 7a)
+  pretrain.d2s.stages=[3]          [3, 2]: D2S32 (Tab 7a)
+  pretrain.d2s.view=cross          same: same-view supervision (Tab 8d)
+  pretrain.d2s.target=deep         same_stage: the stage's own codes supervise it (Tab 8c)
+  pretrain.p2p.kind=noncontrastive contrastive | clustering (Tab 8a)
+  pretrain.p2p.pixel_mlp=true      false: P2P without M_p (Tab 8b)
+  model.zero_init_residual=false   true: residual branches start at zero (SwAV's torchvision)
+  attention.optimizer=lars         sgd: plain SGD with momentum (LARS: the reference)
+  attention.shared=false           true: one attention map for all channels (Tab 10c)
+  cluster.pooling=attention        mean: image-level pooling
+  label.method=attention           image | pixel_kmeans: image- or pixel-level labels (Tab 10a)
+  infer.mode=argmax                cam: CAM inference, infer.cam_tau (Tab 10a "^tau", App. A)
+  finetune.enabled=true            false: the pseudo labels are the predictions (Tab 10d)"""
+
 RUN_CONFIG = "config.yaml"
 METRICS_FILE = "metrics.json"
 MATCH_FILE = "match.json"
@@ -34,16 +50,17 @@ TRAINING_STAGES = ("pretrain", "attention", "finetune", "semi")
 # The steps of a run whose outputs depend on the config, each after the step it starts from,
 # with the config keys (sections or dotted keys) its outputs depend on beyond that step's.
 # Keys that change no output are not listed: data.workers, ops, how the protocols are scored
-# (distance_match.match), and data.root (a dataset that moved keeps its run folder).
+# (distance_match.match), and data.root (a dataset that moved keeps its run folder; a
+# pretraining folder of its own, data.pretrain_root, is another dataset and is listed).
 STEPS = {
-    "pretrain": (None, ("seed", "data.num_classes", "model", "pretrain")),
+    "pretrain": (None, ("seed", "data.num_classes", "data.pretrain_root", "model", "pretrain")),
     "attention": ("pretrain", ("attention",)),
-    "cluster": ("attention", ("cluster",)),
+    "cluster": ("attention", ("cluster", "label.method")),
     "sweep_tau": ("cluster", ("label.sweep", "label.resize")),
     "label": ("sweep_tau", ("label.tau",)),  # the swept tau, or the config's without a sweep
     "finetune": ("label", ("finetune",)),
     "infer": ("finetune", ("infer",)),
-    "semi": ("pretrain", ("semi", "infer")),
+    "semi": ("pretrain", ("semi", "infer.resize")),
     "distance_match": ("pretrain", ("distance_match.k", "distance_match.temperature",
                                     "distance_match.stride", "distance_match.resize")),
 }

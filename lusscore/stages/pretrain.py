@@ -11,10 +11,12 @@ from pathlib import Path
 from torch import nn
 from torch.utils.data import Dataset
 
+from lusscore.data.imagenet_s import image_folder_samples
 from lusscore.data.label_io import read_image
 from lusscore.data.views import MultiCropTransform, augment_options, collate_multicrop
 from lusscore.engine import Runtime, Trainer, autocast, make_loader, prepare_model, train_epochs, unwrap
-from lusscore.losses.pass_loss import SwAVQueue, add_p2p, pass_losses, queue_length, queue_state
+from lusscore.losses.pass_loss import (SwAVQueue, add_p2p, d2s_options, p2p_options, pass_losses,
+                                      queue_length, queue_state)
 from lusscore.models.pass_models import PASSPretrainModel
 from lusscore.ops.switch import ops_from_config
 from lusscore.optim import LARS, cosine_schedule
@@ -68,7 +70,8 @@ class PretrainTrainer(Trainer):
         self.loader = make_loader(ImageFiles(samples, transform), per_rank, rt, int(cfg["seed"]),
                                   workers=cfg["data"]["workers"], collate_fn=collate_multicrop)
         if model is None:
-            model = PASSPretrainModel(mcfg, self.weights, pcfg["p2p_lattice"])
+            model = PASSPretrainModel(mcfg, self.weights, pcfg["p2p_lattice"],
+                                      d2s_options(pcfg)["stages"], p2p_options(pcfg))
         self.model = prepare_model(model, rt)
         self.core = unwrap(self.model)
         self.optimizer = LARS(self.model.parameters(), lr=pcfg["base_lr"], momentum=0.9,
@@ -88,7 +91,7 @@ class PretrainTrainer(Trainer):
         out, bs = multicrop_forward(self.model, self.core, batch, self.rt)
         total, parts = pass_losses(out, bs, self.n_crops, self.weights, self.pcfg, self.queue,
                                    self.core.prototypes.weight)
-        total = add_p2p(self.core, out, batch, bs, self.weights, total, parts)
+        total = add_p2p(self.core, out, batch, bs, self.weights, total, parts, self.pcfg)
         return total, parts, bs
 
     def before_step(self, step: int) -> None:
@@ -106,8 +109,11 @@ class PretrainTrainer(Trainer):
 
 @ops_from_config
 def pretrain(ctx: StageContext, samples: list[tuple[Path, int]] | None = None) -> nn.Module:
-    """Train (or resume) <run>/pretrain.pt on samples (default: the train split)."""
-    samples = ctx.dataset.image_samples("train") if samples is None else samples
+    """Train (or resume) <run>/pretrain.pt on samples (default: the train split, or every
+    image of data.pretrain_root, e.g. the full ImageNet-1k train folder for S919)."""
+    if samples is None:
+        root = ctx.cfg["data"]["pretrain_root"]
+        samples = image_folder_samples(root) if root else ctx.dataset.image_samples("train")
     ctx.seed_stage("pretrain")
     model = train_epochs(PretrainTrainer(ctx.cfg, ctx.rt, samples), ctx.run, ctx.rt, ctx.cfg)
     record_step(ctx, "pretrain")

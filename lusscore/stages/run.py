@@ -29,6 +29,7 @@ from lusscore.stages import (attention, baselines, cluster, distance_match, fine
                              label, pretrain, semi, sweep_tau)
 from lusscore.stages.common import (PROTOCOLS, STEPS, RunDir, StageContext, StageTimings, open_run,
                                     redo_from, train_stage)
+from lusscore.stages.layout import SWITCHES
 from lusscore.stages.evaluate import (evaluate_protocol, format_protocols, json_ready,
                                       prediction_splits, scored_splits, skipped_test_reason,
                                       summarize)
@@ -54,12 +55,16 @@ def run_unsupervised(ctx: StageContext, timings: StageTimings) -> dict:
     timings.lap("cluster")
     tau = sweep_tau.sweep_step(ctx)
     timings.lap("sweep_tau")  # labelling validation with attention maps + the tau sweep
-    ctx.log(f"label train: tau {tau:.3f}")
-    label.label_split(ctx, "train", tau, save_attention=False)
-    timings.lap("label")
-    train_stage(ctx, "finetune", finetune.finetune)
-    timings.lap("finetune")
-    infer.predict_protocol(ctx, infer.load_segmentation_model(ctx), "unsupervised")
+    if ctx.cfg["finetune"]["enabled"]:
+        ctx.log(f"label train: tau {tau:.3f}")
+        label.label_split(ctx, "train", tau, save_attention=False)
+        timings.lap("label")
+        train_stage(ctx, "finetune", finetune.finetune)
+        timings.lap("finetune")
+        infer.predict_protocol(ctx, infer.load_segmentation_model(ctx), "unsupervised")
+    else:
+        ctx.log(f"finetune.enabled false: the pseudo labels (tau {tau:.3f}) are the predictions")
+        infer.predict_with_pseudo_labels(ctx, tau)
     timings.lap("infer")
     results = {split: evaluate_protocol(ctx, "unsupervised", split)
                for split in scored_splits(ctx.dataset)}  # validation first: test reuses its match
@@ -119,6 +124,7 @@ def run_pipeline(ctx: StageContext) -> dict:
 
 
 def add_arguments(parser):
+    parser.epilog = SWITCHES
     parser.add_argument("config", help="YAML file or packaged config name (demo, imagenet_s50, ...)")
     parser.add_argument("--run-dir", required=True, help="the run folder")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
