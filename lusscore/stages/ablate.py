@@ -27,10 +27,7 @@ import json
 import os
 import shutil
 from argparse import Namespace
-from importlib import resources
 from pathlib import Path
-
-import yaml
 
 from lusscore.config import apply_overrides, load_config
 from lusscore.stages.common import StageContext, fingerprint, open_run, recorded_steps
@@ -42,20 +39,8 @@ PROTOCOL_COLUMNS = ("unsupervised", "semi", "distance_match")
 
 def read_rows(name_or_path: str) -> tuple[list[str], list[dict]]:
     """(overrides for every row, [{'name', 'set'}]) of a rows file or a packaged one."""
-    path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.is_file():
-        if not path.is_file():
-            raise FileNotFoundError(f"rows file not found: {path}")
-        text = path.read_text()
-    else:
-        res = resources.files("lusscore.configs").joinpath(f"{name_or_path}.yaml")
-        if not res.is_file():
-            raise LusscoreError(f"no rows file or packaged rows named {name_or_path!r}")
-        text, path = res.read_text(), Path(str(res))
-    try:
-        spec = yaml.safe_load(text) or {}
-    except yaml.YAMLError as e:
-        raise LusscoreError(f"{path}: not valid YAML ({e})") from None
+    from lusscore.config import _read_config
+    spec, path = _read_config(name_or_path), name_or_path  # a file, or a packaged YAML
     rows = spec.get("rows") if isinstance(spec, dict) else None
     if not isinstance(rows, list) or not rows:
         raise LusscoreError(f"{path}: needs a non-empty 'rows' list of {{name, set}}")
