@@ -235,6 +235,9 @@ class Trainer:
     def before_step(self, step: int) -> None:
         """After backward, before the optimizer step (e.g. prototypes frozen early on)."""
 
+    def after_step(self, step: int) -> None:
+        """After the optimizer step (e.g. a momentum network's EMA update)."""
+
     def state(self) -> dict:
         """Checkpoint entries beside model, optimizer and epoch."""
         return {}
@@ -250,6 +253,7 @@ def train_step(trainer: Trainer, batch, step: int) -> tuple[torch.Tensor, dict, 
     loss.backward()
     trainer.before_step(step)
     trainer.optimizer.step()
+    trainer.after_step(step)
     return loss, parts, images
 
 

@@ -259,11 +259,13 @@ def _ddp_worker(rank, world, port, root, run, section, out):
     torch.set_num_threads(1)
     rt = setup_runtime("cpu")
     cfg = tiny_cfg(root)
+    if section == "pretrain_pixpro":
+        cfg = apply_overrides(cfg, ["pretrain.method=pixpro"])
     from lusscore.stages.finetune import build_segmentation_model, label_pairs, train_segmentation
     from lusscore.stages.pretrain import pretrain
     ds = ImageNetS(root)
     train = ds.image_samples("train")
-    if section == "pretrain":
+    if section.startswith("pretrain"):
         model = pretrain(StageContext(cfg, run, rt), train)
         out[rank] = {k: v.detach() for k, v in model.named_parameters()}  # P2P and D2S too
     else:
@@ -275,21 +277,26 @@ def _ddp_worker(rank, world, port, root, run, section, out):
     torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("section", ["pretrain", "finetune"])
+@pytest.mark.parametrize("section", ["pretrain", "pretrain_pixpro", "finetune"])
 def test_two_process_gloo_ddp(tiny_root, tmp_path, section):
     out = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, _free_port(), tiny_root, tmp_path, section, out), nprocs=2)
     a, b = out[0], out[1]
+    if section == "pretrain_pixpro":  # the momentum network is an EMA of identical replicas
+        assert any(k.startswith("pixpro.momentum_backbone.") for k in a)
     for k in a:  # DDP keeps the replicas' parameters identical
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6), k
-    state = torch.load(tmp_path / f"{section}.pt", weights_only=True)
-    assert state["done"] and state["epoch"] == (2 if section == "pretrain" else 1)
+    stage = "finetune" if section == "finetune" else "pretrain"
+    state = torch.load(tmp_path / f"{stage}.pt", weights_only=True)
+    assert state["done"] and state["epoch"] == (1 if section == "finetune" else 2)
 
 
-def test_pretrain_resume_after_crash_matches_uninterrupted(tiny_root, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", ["swav", "pixpro"])
+def test_pretrain_resume_after_crash_matches_uninterrupted(tiny_root, tmp_path, monkeypatch, method):
+    """The momentum network of pixpro resumes too (it is in the model's state)."""
     from lusscore.engine import StageCheckpoint
     from lusscore.stages.pretrain import pretrain
-    cfg = tiny_cfg(tiny_root)
+    cfg = apply_overrides(tiny_cfg(tiny_root), [f"pretrain.method={method}"])
     train = ImageNetS(tiny_root).image_samples("train")
     rt = Runtime(torch.device("cpu"))
     torch.manual_seed(1)

@@ -31,20 +31,23 @@ REFERENCE_STD = (0.228, 0.224, 0.225)  # the reference code's pretrain std (quir
 @dataclass
 class MultiCropSample:
     """The crops of one image: crops[k] (3, s_k, s_k) float, boxes (n, 4) float32
-    (left, top, width, height) in original pixels, flips (n) bool."""
+    (left, top, width, height) in original pixels, flips (n) bool; priors[k] (s_k, s_k) the
+    same crops of the image's saliency map, when it has one (crop_like)."""
     crops: list
     boxes: torch.Tensor
     flips: torch.Tensor
+    priors: list | None = None
 
 
 @dataclass
 class MultiCropBatch:
     """A batch: images[k] (B, 3, s_k, s_k), boxes[k] (B, 4), flips[k] (B) per crop k;
-    labels (B) when the dataset gave them."""
+    labels (B) when the dataset gave them; priors[k] (B, s_k, s_k) when the samples had them."""
     images: list
     boxes: list
     flips: list
     labels: torch.Tensor | None = None
+    priors: list | None = None
 
     def by_size(self) -> list:
         """Crops concatenated per run of equal sizes (for one backbone pass per resolution):
@@ -131,6 +134,19 @@ class MultiCropTransform:
                                torch.tensor(flips, dtype=torch.bool))
 
 
+def crop_like(sample: MultiCropSample, prior: torch.Tensor) -> MultiCropSample:
+    """The sample with priors: each crop's box and flip applied to a (H, W) map of the
+    original image (bilinear, as the crop itself)."""
+    priors = []
+    for crop, (left, top, width, height), flipped in zip(sample.crops, sample.boxes.tolist(),
+                                                         sample.flips.tolist()):
+        out = TF.resized_crop(prior[None], int(top), int(left), int(height), int(width),
+                              list(crop.shape[-2:]), interpolation=T.InterpolationMode.BILINEAR,
+                              antialias=True)[0]
+        priors.append(TF.horizontal_flip(out) if flipped else out)
+    return MultiCropSample(sample.crops, sample.boxes, sample.flips, priors)
+
+
 AUGMENT_KEYS = ("jitter_strength", "color_p", "grayscale_p", "blur_p", "blur_sigma")
 
 
@@ -167,4 +183,7 @@ def collate_multicrop(samples: list) -> MultiCropBatch:
     images = [torch.stack([s.crops[k] for s in samples]) for k in range(n)]
     boxes = [torch.stack([s.boxes[k] for s in samples]) for k in range(n)]
     flips = [torch.stack([s.flips[k] for s in samples]) for k in range(n)]
-    return MultiCropBatch(images, boxes, flips, labels)
+    priors = None
+    if samples[0].priors is not None:
+        priors = [torch.stack([s.priors[k] for s in samples]) for k in range(n)]
+    return MultiCropBatch(images, boxes, flips, labels, priors)

@@ -1,7 +1,9 @@
 """The PASS objective assembled from its parts: SwAV's queue, the swapped-prediction loss on
-the two large crops' codes, D2S on the same codes, P2P on the large crops' overlap.
+the two large crops' codes, D2S on the same codes, P2P on the large crops' overlap, and for
+PASS_p (pretrain.method pixpro) PixPro's loss on the large crops.
 
-Loss = w_swav * L_swav + w_d2s * L_d2s + w_p2p * L_p2p (a weight of 0 switches a part off).
+Loss = [L_pixpro +] w_swav * L_swav + w_d2s * L_d2s + w_p2p * L_p2p (a weight of 0 switches a
+part off; with pixpro, L_swav is the clustering loss the paper adds to PixPro, Tab 7a).
 L_d2s sums one term per supervised stage, as the reference code weights them: its
 `--weights 1 1` (D2S3) is {swav: 1/2, d2s: 1/2} here, `--weights 1 1 1` (D2S32) {swav: 1/3,
 d2s: 1/3}.
@@ -97,6 +99,34 @@ def p2p_options(pcfg: dict) -> dict:
     return d
 
 
+PRETRAIN_METHODS = ("swav", "pixpro")
+PIXPRO_KEYS = ("momentum", "gamma", "threshold", "transform_layers")
+
+
+def pixpro_options(pcfg: dict) -> dict | None:
+    """PixProBranch's options from pretrain.pixpro when pretrain.method is pixpro (PASS_p),
+    None for swav (PASS_s); checked."""
+    method = pcfg["method"]
+    if method not in PRETRAIN_METHODS:
+        raise LusscoreError(f"pretrain.method must be one of {PRETRAIN_METHODS}, got {method!r}")
+    if method == "swav":
+        return None
+    d = dict(pcfg["pixpro"])
+    unknown = sorted(set(d) - set(PIXPRO_KEYS))
+    if unknown:
+        raise LusscoreError(f"pretrain.pixpro: unknown keys {unknown}; known: {list(PIXPRO_KEYS)}")
+    if not 0 <= float(d["momentum"]) <= 1:
+        raise LusscoreError(f"pretrain.pixpro.momentum must lie in [0, 1], got {d['momentum']!r}")
+    if not float(d["gamma"]) > 0 or not float(d["threshold"]) > 0:
+        raise LusscoreError(f"pretrain.pixpro.gamma and threshold must be > 0, got "
+                            f"{d['gamma']!r} and {d['threshold']!r}")
+    if d["transform_layers"] not in (0, 1, 2):
+        raise LusscoreError(f"pretrain.pixpro.transform_layers must be 0, 1 or 2, got "
+                            f"{d['transform_layers']!r}")
+    return {"momentum": float(d["momentum"]), "gamma": float(d["gamma"]),
+            "threshold": float(d["threshold"]), "transform_layers": int(d["transform_layers"])}
+
+
 def d2s_loss(shallow: dict, codes: list, bs: int, pcfg: dict) -> torch.Tensor:
     """Sum over the supervised stages of the swapped prediction between the large crops'
     codes and their shallow outputs (Eq. 4: u_1^(4) predicts u_2^(j) and back)."""
@@ -135,6 +165,15 @@ def pass_losses(out: dict, batch_size: int, n_crops: int, weights: dict, pcfg: d
         parts["d2s"] = d2s_loss(out["d2s_scores"], codes, bs, pcfg)
     total = sum(weights.get(k, 0.0) * v for k, v in parts.items())
     return total, parts
+
+
+def add_pixpro(model, out: dict, batch, bs: int, total, parts):
+    """total + L_pixpro of the two large crops (parts gets 'pixpro'): PASS_p's L_e (weight 1)."""
+    if model.pixpro is None:
+        return total
+    maps, images = out["large_maps"][:N_LARGE * bs], out["large_images"][:N_LARGE * bs]
+    parts["pixpro"] = model.pixpro.loss(maps, images, batch.boxes[:N_LARGE], batch.flips[:N_LARGE])
+    return total + parts["pixpro"]
 
 
 def add_p2p(model, out: dict, batch, bs: int, weights: dict, total, parts, pcfg: dict):

@@ -14,6 +14,7 @@ from torch import nn
 
 from lusscore.checkpoint import load_checkpoint
 from lusscore.losses.p2p import P2PLoss
+from lusscore.losses.pixpro import PixProBranch
 from lusscore.losses.swav import Prototypes
 from lusscore.models.heads import D2SHead, ProjectionHead, SegmentationHead
 from lusscore.models.pixel_attention import PixelAttention
@@ -22,13 +23,14 @@ from lusscore.utils import LusscoreError
 
 
 class PASSPretrainModel(nn.Module):
-    """Backbone + SwAV projection and prototypes + optional D2S and P2P branches.
+    """Backbone + SwAV projection and prototypes + optional D2S, P2P and PixPro branches.
 
     D2S has one head per supervised shallow stage (d2s_stages, default {3}); as in the paper
-    (Eq. 3-4) and the reference code it sees the two large crops only."""
+    (Eq. 3-4) and the reference code it sees the two large crops only. pixpro (the options of
+    pretrain.pixpro) adds PASS_p's PixPro branch with its momentum network."""
 
     def __init__(self, model_cfg: dict, weights: dict, p2p_lattice: int = 7,
-                 d2s_stages=(3,), p2p: dict | None = None):
+                 d2s_stages=(3,), p2p: dict | None = None, pixpro: dict | None = None):
         super().__init__()
         self.backbone = build_trunk(model_cfg)
         channels = self.backbone.stage_channels
@@ -50,6 +52,8 @@ class PASSPretrainModel(nn.Module):
                             use_pixel_mlp=p2p.get("pixel_mlp", True),
                             temperature=p2p.get("temperature", 0.1))
                     if weights.get("p2p", 0) > 0 else None)
+        self.pixpro = (PixProBranch(self.backbone, c4, hidden, dim, **pixpro)
+                       if pixpro is not None else None)
 
     def forward(self, groups: list[torch.Tensor]) -> dict:
         """groups: crops concatenated per resolution (MultiCropBatch.by_size()); the first
@@ -64,7 +68,8 @@ class PASSPretrainModel(nn.Module):
                 shallow = {name: F.linear(head(maps[name]), self.prototypes.weight.detach())
                            for name, head in self.d2s.items()}
         emb = torch.cat(emb)
-        out = {"embedding": emb, "scores": self.prototypes(emb), "large_maps": stage4[0]}
+        out = {"embedding": emb, "scores": self.prototypes(emb), "large_maps": stage4[0],
+               "large_images": groups[0]}
         if self.d2s is not None:
             out["d2s_scores"] = shallow  # {"stage3": (2B, K) of the two large crops, ...}
         return out
@@ -100,15 +105,22 @@ class AttentionModel(nn.Module):
             self.backbone.eval()
         return self
 
-    def forward(self, groups: list[torch.Tensor]) -> dict:
-        emb = []
+    def forward(self, groups: list[torch.Tensor], with_attention: bool = False) -> dict:
+        """with_attention: the output also holds each crop's channel-mean attention
+        (N, 4h, 4w), for the prior's supervision."""
+        emb, means = [], []
         for x in groups:
             with torch.no_grad():
                 z = self.backbone(x)["stage4"]
-            pooled = self.attention(z, return_attention=False)
+            pooled, mean = self.attention(z, return_attention=True) if with_attention else (
+                self.attention(z, return_attention=False), None)
             emb.append(F.normalize(self.projection(pooled.float()), dim=1))
+            means.append(mean)
         emb = torch.cat(emb)
-        return {"embedding": emb, "scores": self.prototypes(emb)}
+        out = {"embedding": emb, "scores": self.prototypes(emb)}
+        if with_attention:
+            out["mean_attention"] = torch.cat(means)
+        return out
 
     def load_pretrain(self, state: dict) -> None:
         model = state["model"]

@@ -9,6 +9,10 @@ ImageNet-S PNGs under OUT with the image's path relative to the split folder.
 --save-attention also writes each image's stride-8 mean attention as float32 .npy beside the
 PNG; run with --tau 0 to get unmasked labels for a tau sweep (apply_tau gives any tau).
 
+With a shape prior (label.prior rc or maps, and label.prior_mask) the image's saliency map
+takes the mean attention's place as the mask: pixels whose saliency is below tau are 'other',
+and the .npy holds the map (the sweep then picks tau as a saliency threshold).
+
 label.method picks how labels are made (the paper's Tab 10a; LabelRule): "attention" (PASS,
 the above); "image" (image-level labels: the image's cluster, the nearest centroid of its
 pooled feature as cluster.pooling pools it, on every pixel whose CAM-style map, the pixel's
@@ -40,7 +44,9 @@ from lusscore.data.transforms import load_image_tensor, resized_size
 from lusscore.engine import setup_runtime
 from lusscore.ops.attention_pool import attention_pool
 from lusscore.ops.kmeans import check_finite_rows
+from lusscore.saliency import read_saliency_png
 from lusscore.stages.common import record_step, start_run
+from lusscore.stages.saliency import prior_paths, run_prior_folder
 from lusscore.utils import LusscoreError, atomic_path, remove_temp_files
 
 LABEL_METHODS = ("attention", "image", "pixel_kmeans")
@@ -68,7 +74,8 @@ class LabelRule:
 class LabelItem:
     image: Path
     label: Path                    # the PNG to write
-    attention: Path | None = None  # the .npy of the stride-8 mean attention, when wanted
+    attention: Path | None = None  # the .npy of the mask map (the mean attention), when wanted
+    prior: Path | None = None      # a saliency map that is the mask instead (label.prior_mask)
 
 
 def apply_tau(labels: torch.Tensor, mean_attention: torch.Tensor, tau: float) -> torch.Tensor:
@@ -89,12 +96,13 @@ def min_max(maps: torch.Tensor) -> torch.Tensor:
 @torch.inference_mode()
 def label_batch(backbone, attention, centroids: torch.Tensor, images: torch.Tensor,
                 sizes: list[tuple[int, int]], tau: float, amp: bool = False,
-                rule: LabelRule = LabelRule()):
+                rule: LabelRule = LabelRule(), priors: list[torch.Tensor] | None = None):
     """images (B, 3, h, w) of one size; sizes: each image's original (H, W).
 
-    Returns ([labels (H, W) int32], [mask map (h/8, w/8) float32]) on the model's device:
-    the mean attention (or, by rule, the image method's CAM-style map; ones for pixel_kmeans).
-    centroids: (K, L), normalised here.
+    Returns ([labels (H, W) int32], [mask map float32]) on the model's device: the mask map
+    is the mean attention at stride 8 (or, by rule, the image method's CAM-style map; ones
+    for pixel_kmeans), or each image's prior (H, W) when priors are given (a shape prior
+    in place of the attention mask). centroids: (K, L), normalised here.
     """
     device = images.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
@@ -119,20 +127,22 @@ def label_batch(backbone, attention, centroids: torch.Tensor, images: torch.Tens
         lut[rule.other_cluster] = 0
         ids = lut[sim.argmax(dim=1)].to(torch.int32)
         mean = torch.ones_like(mean)  # no tau: every pixel keeps its cluster
+    masks = list(mean) if priors is None else [p.to(device=device, dtype=torch.float32) for p in priors]
     labels = []
     for i, (h, w) in enumerate(sizes):
         full = F.interpolate(ids[i][None, None].float(), size=(h, w), mode="nearest")[0, 0]
-        labels.append(apply_tau(full.to(torch.int32), mean[i], tau))
-    return labels, [m.float() for m in mean]
+        labels.append(apply_tau(full.to(torch.int32), masks[i], tau))
+    return labels, [m.float() for m in masks]
 
 
 def plan_items(image_paths: list[Path], split_root: Path, out_dir: Path,
-               save_attention: bool) -> list[LabelItem]:
+               save_attention: bool, priors: list[Path] | None = None) -> list[LabelItem]:
     items = []
-    for p in image_paths:
+    for i, p in enumerate(image_paths):
         rel = Path(p).relative_to(split_root).with_suffix("")
         label = out_dir / rel.with_suffix(".png")
-        items.append(LabelItem(Path(p), label, label.with_suffix(".npy") if save_attention else None))
+        items.append(LabelItem(Path(p), label, label.with_suffix(".npy") if save_attention else None,
+                               priors[i] if priors is not None else None))
     return items
 
 
@@ -236,8 +246,12 @@ def label_images(backbone, attention, centroids, items: list[LabelItem], tau: fl
     try:
         for idx, images in loader:
             images = images.to(device, non_blocking=True)
+            priors = None
+            if todo[idx[0]].prior is not None:
+                priors = [torch.from_numpy(read_saliency_png(todo[i].prior, orig[i])) for i in idx]
             labels, means = label_batch(backbone, attention, centroids, images,
-                                        [orig[i] for i in idx], tau, amp=amp, rule=rule)
+                                        [orig[i] for i in idx], tau, amp=amp, rule=rule,
+                                        priors=priors)
             labels = [lab.cpu().numpy() for lab in labels]
             means = [m.cpu().numpy() for m in means]
             for i, lab, m in zip(idx, labels, means):
@@ -282,7 +296,10 @@ def label_split(ctx, split: str, tau: float, save_attention: bool,
     else:
         images = [s.image for s in ds.prediction_samples(split)]
     out_dir = ctx.run.labels(split) if out_dir is None else out_dir
-    items = plan_items(images, ds.split_dir(split), out_dir, save_attention)
+    priors = None
+    if ctx.cfg["label"]["prior"] != "none" and ctx.cfg["label"]["prior_mask"]:
+        priors = prior_paths(ds, split, run_prior_folder(ctx, split), images)
+    items = plan_items(images, ds.split_dir(split), out_dir, save_attention, priors)
     if ctx.rt.is_main:  # what a killed run left half-written
         remove_temp_files(out_dir)
     ctx.rt.barrier()

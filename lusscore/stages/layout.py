@@ -15,6 +15,8 @@ never used for a choice) in its test/ sub-folder::
     <run>[/semi | /distance_match]/test/metrics.json
     <run>/distance_match/bank.pt      the train-semi region bank of distance matching
     <run>/baselines.json, <run>/test/baselines.json       the trivial floors of each split
+    <run>/saliency/<split>/<wnid>/<name>.png, settings.json  label.prior rc: the shape prior
+    <run>/saliency_score.json         that prior scored on validation (F-beta, MAE)
     <run>/protocols.json, timings.json, report/
 """
 from __future__ import annotations
@@ -38,7 +40,12 @@ SWITCHES = """the paper's ablations as config switches (--set KEY=VALUE; default
   cluster.pooling=attention        mean: image-level pooling
   label.method=attention           image | pixel_kmeans: image- or pixel-level labels (Tab 10a)
   infer.mode=argmax                cam: CAM inference, infer.cam_tau (Tab 10a "^tau", App. A)
-  finetune.enabled=true            false: the pseudo labels are the predictions (Tab 10d)"""
+  finetune.enabled=true            false: the pseudo labels are the predictions (Tab 10d)
+  pretrain.method=swav             pixpro: PASS_p, PixPro as L_e + the clustering loss (Tab 5, 7a)
+  label.prior=none                 rc | maps: a saliency shape prior (Tab 5 "+RC", "+Sal"), with
+  label.prior_maps=null              maps: the folder of <split>/<wnid>/<name>.png maps
+  label.prior_mask=true              false: the prior does not replace the attention mask
+  attention.prior_weight=1.0         0: the prior does not supervise the attention"""
 
 RUN_CONFIG = "config.yaml"
 METRICS_FILE = "metrics.json"
@@ -54,7 +61,9 @@ TRAINING_STAGES = ("pretrain", "attention", "finetune", "semi")
 # pretraining folder of its own, data.pretrain_root, is another dataset and is listed).
 STEPS = {
     "pretrain": (None, ("seed", "data.num_classes", "data.pretrain_root", "model", "pretrain")),
-    "attention": ("pretrain", ("attention",)),
+    # The prior settings are the attention step's: they shape its loss and every label after it.
+    "attention": ("pretrain", ("attention", "label.prior", "label.prior_maps", "label.prior_mask",
+                               "saliency")),
     "cluster": ("attention", ("cluster", "label.method")),
     "sweep_tau": ("cluster", ("label.sweep", "label.resize")),
     "label": ("sweep_tau", ("label.tau",)),  # the swept tau, or the config's without a sweep
@@ -191,6 +200,19 @@ class RunDir:
     def baselines(self, split: str = "validation") -> Path:
         """The trivial floors of a split, beside the unsupervised protocol's metrics.json."""
         return self.metrics("unsupervised", split).with_name("baselines.json")
+
+    @property
+    def saliency_dir(self) -> Path:
+        """label.prior rc: the region-contrast maps, <split>/<wnid>/<name>.png."""
+        return self.root / "saliency"
+
+    @property
+    def saliency_settings(self) -> Path:
+        return self.saliency_dir / "settings.json"
+
+    @property
+    def saliency_score(self) -> Path:
+        return self.root / "saliency_score.json"
 
     @property
     def fingerprints(self) -> Path:
