@@ -1,7 +1,8 @@
 """Benchmark the PASS pipeline with the fused ops against their pure-PyTorch references.
 
 Default: steady-state training steps of the pretrain stage (SwAV + D2S + P2P, the S50
-multi-crop, LARS, AMP on the GPU) and of the attention stage (frozen backbone, attention
+multi-crop, LARS, AMP on the GPU; and the same with PixPro as L_e, PASS_p) and of the
+attention stage (frozen backbone, attention
 pooling), on one fixed batch already on the device so the data loader is not measured:
 images/s and peak GPU memory (torch.cuda.max_memory_allocated over the steps, absolute and
 above what was allocated before the step) with `ops: fused` and `ops: reference`, the same
@@ -145,16 +146,20 @@ def bench_steps(cfg: dict, rt: Runtime, modes, warmup: int, repeat: int, attenti
     crops = pcfg["crops"]
     image_size = max(crops["sizes"])
     std_quirk = pcfg.get("std_quirk", True)
-    cases = [("pretrain", pretrain_step_fn,
-              multicrop_batch(crops["sizes"], crops["counts"], crops["min_scale"], crops["max_scale"],
-                              pcfg["batch_size"], image_size, std_quirk))]
+    pretrain_batch = multicrop_batch(crops["sizes"], crops["counts"], crops["min_scale"],
+                                     crops["max_scale"], pcfg["batch_size"], image_size, std_quirk)
+    # The config's pretraining, and PASS_p's (PixPro + the same parts) on the same batch.
+    other = "swav" if pcfg["method"] == "pixpro" else "pixpro"
+    cases = [(f"pretrain_{pcfg['method']}", pretrain_step_fn, cfg, pretrain_batch),
+             (f"pretrain_{other}", pretrain_step_fn,
+              apply_overrides(cfg, [f"pretrain.method={other}"]), pretrain_batch)]
     if attention:
         crop = acfg.get("crop", crops["sizes"][0])
-        cases.append(("attention", attention_step_fn,
+        cases.append(("attention", attention_step_fn, cfg,
                       multicrop_batch([crop], [2], [acfg.get("min_scale", 0.14)], [1.0],
                                       acfg["batch_size"], image_size, std_quirk)))
     rows = []
-    for name, make_step, batch in cases:
+    for name, make_step, cfg, batch in cases:
         batch = to_device(batch, rt.device)
         for mode in modes:  # one untimed round of every mode first: the first one run pays
             with ops.use_reference(mode == "reference"):  # one-off costs (kernel choices, pages)

@@ -100,6 +100,17 @@ def test_crop_like_crops_the_prior_as_the_image():
         torch.testing.assert_close(prior, crop[0], atol=1.5 / 255, rtol=0)
 
 
+def test_crops_of_a_binary_prior_stay_in_0_1():
+    """Downscaling a 0/1 map with antialiasing can overshoot 1 by an ulp; BCE rejects that."""
+    prior = torch.zeros(96, 96)
+    prior[20:70, 30:80] = 1
+    transform = MultiCropTransform([32], [2], [0.08], [1.0])
+    for seed in range(50):
+        torch.manual_seed(seed)
+        sample = crop_like(transform(Image.new("RGB", (96, 96))), prior)
+        assert all(float(p.min()) >= 0 and float(p.max()) <= 1 for p in sample.priors)
+
+
 def test_luss_saliency_resumes_and_scores(tiny_root, tmp_path, capsys):
     out = tmp_path / "sal"
     ds = ImageNetS(tiny_root)

@@ -135,14 +135,15 @@ class MultiCropTransform:
 
 
 def crop_like(sample: MultiCropSample, prior: torch.Tensor) -> MultiCropSample:
-    """The sample with priors: each crop's box and flip applied to a (H, W) map of the
-    original image (bilinear, as the crop itself)."""
+    """The sample with priors: each crop's box and flip applied to a (H, W) map in [0, 1] of
+    the original image (bilinear, as the crop itself; clamped to [0, 1], which the
+    antialiasing filter's rounding can leave by a few ulps)."""
     priors = []
     for crop, (left, top, width, height), flipped in zip(sample.crops, sample.boxes.tolist(),
                                                          sample.flips.tolist()):
         out = TF.resized_crop(prior[None], int(top), int(left), int(height), int(width),
                               list(crop.shape[-2:]), interpolation=T.InterpolationMode.BILINEAR,
-                              antialias=True)[0]
+                              antialias=True)[0].clamp(0, 1)
         priors.append(TF.horizontal_flip(out) if flipped else out)
     return MultiCropSample(sample.crops, sample.boxes, sample.flips, priors)
 
