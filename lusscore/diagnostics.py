@@ -77,9 +77,10 @@ def attention_foreground(samples, labels_dir: Path, tau: float | None = None) ->
     return foreground_scores(np.concatenate(atts), np.concatenate(fgs), tau)
 
 
-def format_foreground(scores: dict) -> str:
-    text = (f"attention vs foreground: AUC {scores['auc']:.3f}, best IoU {100 * scores['best_iou']:.1f}% "
-            f"at {scores['best_threshold']:.3f}; mean attention fg {scores['fg_mean']:.3f}, "
+def format_foreground(scores: dict, mask: str = "attention") -> str:
+    """One line; mask: what the scored maps are (the attention, or a shape prior in its place)."""
+    text = (f"{mask} vs foreground: AUC {scores['auc']:.3f}, best IoU {100 * scores['best_iou']:.1f}% "
+            f"at {scores['best_threshold']:.3f}; mean {mask} fg {scores['fg_mean']:.3f}, "
             f"bg {scores['bg_mean']:.3f}")
     if "iou_at_tau" in scores:
         text += f"; IoU at tau {scores['tau']:.3f}: {100 * scores['iou_at_tau']:.1f}%"

@@ -99,11 +99,14 @@ def record_tau(run: RunDir, cfg: dict, summary: dict) -> float:
 
 
 def report_attention_foreground(ctx: StageContext, tau: float) -> dict:
-    """Score the validation attention maps against GT foreground; <run>/attention_score.json."""
+    """Score the validation mask maps (the attention, or the shape prior that replaces it)
+    against GT foreground; <run>/attention_score.json."""
     scores = attention_foreground(ctx.dataset.segmentation_samples("validation"),
                                   ctx.run.labels("validation"), tau)
     atomic_write_text(ctx.run.attention_score, json.dumps(json_ready(scores), indent=1))
-    ctx.log(format_foreground(scores))
+    lcfg = ctx.cfg["label"]
+    prior = lcfg["prior"] != "none" and lcfg["prior_mask"]
+    ctx.log(format_foreground(scores, f"prior ({lcfg['prior']})" if prior else "attention"))
     return scores
 
 
