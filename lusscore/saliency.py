@@ -144,11 +144,6 @@ def saliency_valid(path: Path, expected_size: tuple[int, int]) -> bool:
     return True
 
 
-def saliency_path(folder: str | os.PathLike, split: str, name: str) -> Path:
-    """The map of label name 'wnid/x.png' of a split in a saliency folder."""
-    return Path(folder) / split / name
-
-
 def score_saliency(saliency: np.ndarray, label: np.ndarray, threshold: float = 0.5) -> tuple[float, float]:
     """(F-beta with beta^2 = 0.3 of saliency >= threshold against the GT foreground, MAE of
     the map against it), ignore pixels left out; an image without GT foreground has F 0, as

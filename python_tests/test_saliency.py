@@ -177,8 +177,8 @@ def test_user_maps_prior_without_attention_supervision(tiny_root, tmp_path):
     ds = ImageNetS(tiny_root)
     for split in ("train", "validation", "test"):
         compute_saliency(ds, split, maps, "gt_foreground", workers=0, progress=False)
-    run, result = _prior_run(tiny_root, tmp_path, "label.prior=maps", f"label.prior_maps={maps}",
-                             "attention.prior_weight=0.0")
+    run, _ = _prior_run(tiny_root, tmp_path, "label.prior=maps", f"label.prior_maps={maps}",
+                           "attention.prior_weight=0.0")
     logs = [json.loads(line) for line in (run / "attention.jsonl").read_text().splitlines()]
     assert not any("loss_prior" in r for r in logs)
     _train_labels_follow_the_prior(run, maps, ds)
