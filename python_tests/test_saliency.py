@@ -192,3 +192,18 @@ def test_a_missing_or_unset_maps_folder_is_a_clear_error(tiny_root, tmp_path):
         _prior_run(tiny_root, tmp_path, "label.prior=maps", f"label.prior_maps={tmp_path / 'none'}")
     with pytest.raises(LusscoreError, match="label.prior must be"):
         _prior_run(tiny_root, tmp_path, "label.prior=sal")
+
+
+def test_run_maps_are_reused_and_redone_when_their_settings_change(tiny_root, tmp_path):
+    from lusscore.stages.saliency import run_prior_folder
+    cfg = apply_overrides(tiny_cfg(tiny_root), ["label.prior=rc", "saliency.workers=0"])
+    ctx = StageContext(cfg, tmp_path / "run", Runtime(torch.device("cpu")))
+    folder = run_prior_folder(ctx, "validation")
+    assert json.loads((tmp_path / "run" / "saliency_score.json").read_text())["images"] == 9
+    first = sorted((folder / "validation").rglob("*.png"))[0]
+    write_saliency_png(first, np.zeros_like(read_saliency_png(first)))  # a valid map: kept
+    run_prior_folder(ctx, "validation")
+    assert read_saliency_png(first).max() == 0
+    changed = apply_overrides(cfg, ["saliency.scale=80.0"])
+    run_prior_folder(StageContext(changed, tmp_path / "run", Runtime(torch.device("cpu"))), "validation")
+    assert read_saliency_png(first).max() > 0

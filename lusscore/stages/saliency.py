@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -150,8 +151,9 @@ def prior_settings(cfg: dict) -> dict:
 
 def run_prior_folder(ctx, split: str) -> Path | None:
     """The folder whose <split>/ holds the run's prior maps (None without a prior): the user's
-    label.prior_maps (a relative path is taken from the dataset root), or for rc <run>/saliency, computed here where maps are missing (and
-    recomputed from scratch when the saliency settings changed)."""
+    label.prior_maps (a relative path is taken from the dataset root), or for rc
+    <run>/saliency, computed here where maps are missing (and recomputed from scratch when
+    the saliency settings changed); validation's maps are scored once they are made."""
     prior = prior_settings(ctx.cfg)
     if prior["prior"] == "none":
         return None
@@ -170,7 +172,6 @@ def run_prior_folder(ctx, split: str) -> Path | None:
     if ctx.rt.is_main:
         recorded = ctx.run.saliency_settings
         if recorded.is_file() and json.loads(recorded.read_text()) != settings:
-            import shutil
             shutil.rmtree(folder)
             ctx.log("saliency settings changed: recomputing the region-contrast maps")
         folder.mkdir(parents=True, exist_ok=True)
@@ -179,7 +180,8 @@ def run_prior_folder(ctx, split: str) -> Path | None:
         if stats["computed"]:
             ctx.log(f"saliency {split}: {stats['computed']} region-contrast maps in "
                     f"{stats['seconds']:.0f} s")
-        if split == "validation" and ctx.dataset.has_labels("validation"):
+        scored = ctx.run.saliency_score.is_file() and not stats["computed"]
+        if split == "validation" and ctx.dataset.has_labels("validation") and not scored:
             score = evaluate_saliency(ctx.dataset, "validation", folder)
             atomic_write_text(ctx.run.saliency_score, json.dumps(score, indent=1))
             ctx.log(format_score(score))
