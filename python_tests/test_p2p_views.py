@@ -191,7 +191,14 @@ def test_augment_options_from_the_config():
     gray = MultiCropTransform((32,), (2,), (0.5,), (1.0,), **{**opts, "grayscale_p": 1.0})(image)
     assert all(torch.allclose(c[0] * 0.229 + 0.485, c[1] * 0.224 + 0.456, atol=1e-5)
                for c in gray.crops)  # grayscale: equal channels before normalisation
+    inverted = MultiCropTransform((32,), (2,), (0.5,), (1.0,), **{**opts, "invert_p": 1.0})(image)
+    flipped = (torch.tensor([55, 165, 225]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert all(torch.allclose(c, flipped[:, None, None].expand_as(c), atol=1e-5)
+               for c in inverted.crops)  # invert: 255 - every 8-bit value
+    # Off by default and then absent, so SwAV's recipe draws the same random numbers as before.
+    import torchvision.transforms.v2 as T
+    assert not any(isinstance(t, T.RandomInvert) for t in MultiCropTransform().color.transforms)
     for bad, match in (({"hue": 0.1}, "unknown keys"), ({"blur_p": 1.5}, "blur_p"),
-                       ({"blur_sigma": [2.0, 1.0]}, "blur_sigma")):
+                       ({"blur_sigma": [2.0, 1.0]}, "blur_sigma"), ({"invert_p": -0.1}, "invert_p")):
         with pytest.raises(ValueError, match=match):
             augment_options(bad)

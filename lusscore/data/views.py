@@ -6,9 +6,11 @@ physical pixels in two views.
 
 Recipe per crop (SwAV's multicropdataset): random resized crop (per-crop-size scale range,
 aspect ratio 3/4..4/3, bilinear), horizontal flip p 0.5, colour jitter (0.8, 0.8, 0.8, 0.2)
-x strength with p 0.8, grayscale p 0.2, Gaussian blur p 0.5 with sigma uniform in
-(0.1, 2.0) (SwAV blurs with PIL's radius = sigma; here a true Gaussian kernel of size
-2 * ceil(3 * sigma_max) + 1 = 13), then to float in [0, 1] and normalised.
+x strength with p 0.8, grayscale p 0.2, an optional polarity inversion (255 - value, p 0 by
+default: a colour-blind set's textures come in either order of their two values), Gaussian
+blur p 0.5 with sigma uniform in (0.1, 2.0) (SwAV blurs with PIL's radius = sigma; here a
+true Gaussian kernel of size 2 * ceil(3 * sigma_max) + 1 = 13), then to float in [0, 1] and
+normalised.
 
 Normalisation: ImageNet mean/std by default; std_quirk=True uses the reference code's std
 (0.228, 0.224, 0.225) (its first channel is 0.228 instead of 0.229).
@@ -90,7 +92,7 @@ class MultiCropTransform:
                  std: Sequence[float] | None = None, std_quirk: bool = False,
                  flip_p: float = 0.5, jitter_strength: float = 1.0, color_p: float = 0.8,
                  grayscale_p: float = 0.2, blur_p: float = 0.5,
-                 blur_sigma: tuple = (0.1, 2.0)):
+                 blur_sigma: tuple = (0.1, 2.0), invert_p: float = 0.0):
         _check_lists(size_crops, nmb_crops, min_scale_crops, max_scale_crops)
         self.crop_specs = [(int(s), (float(lo), float(hi)))
                            for s, n, lo, hi in zip(size_crops, nmb_crops, min_scale_crops,
@@ -99,9 +101,12 @@ class MultiCropTransform:
         self.flip_p = flip_p
         s = jitter_strength
         kernel = 2 * math.ceil(3 * blur_sigma[1]) + 1
+        # The inversion is left out at p 0: its coin flip would shift every later random draw.
+        invert = [T.RandomInvert(p=invert_p)] if invert_p > 0 else []
         self.color = T.Compose([
             T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=color_p),
             T.RandomGrayscale(p=grayscale_p),
+            *invert,
             T.RandomApply([T.GaussianBlur(kernel, sigma=blur_sigma)], p=blur_p),
         ])
         std = tuple(std) if std is not None else (REFERENCE_STD if std_quirk else IMAGENET_STD)
@@ -148,7 +153,7 @@ def crop_like(sample: MultiCropSample, prior: torch.Tensor) -> MultiCropSample:
     return MultiCropSample(sample.crops, sample.boxes, sample.flips, priors)
 
 
-AUGMENT_KEYS = ("jitter_strength", "color_p", "grayscale_p", "blur_p", "blur_sigma")
+AUGMENT_KEYS = ("jitter_strength", "color_p", "grayscale_p", "blur_p", "blur_sigma", "invert_p")
 
 
 def augment_options(section: dict | None) -> dict:
@@ -164,7 +169,7 @@ def augment_options(section: dict | None) -> dict:
             raise ValueError(f"augment.blur_sigma must be [min, max] with 0 < min <= max, "
                              f"got {section['blur_sigma']}")
         section["blur_sigma"] = (lo, hi)
-    for key in ("color_p", "grayscale_p", "blur_p"):
+    for key in ("color_p", "grayscale_p", "blur_p", "invert_p"):
         if key in section and not 0 <= float(section[key]) <= 1:
             raise ValueError(f"augment.{key} must lie in [0, 1], got {section[key]}")
     return section
