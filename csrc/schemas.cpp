@@ -28,6 +28,15 @@ TORCH_LIBRARY(lusscore, m) {
   m.def("seg_metrics_update_(Tensor pred, Tensor gt, int num_classes, int ignore_index, "
         "float boundary_ratio, Tensor? pred_lut, Tensor(a!) region_conf, "
         "Tensor(b!) boundary_conf, Tensor(c!) pred_stats, Tensor(d!) gt_hist) -> ()");
+  // hp_contrastive_loss: HP's hidden-positive contrastive loss per anchor over all pairs of the
+  // batch, tiled (never N x N): (loss (N), weight (N) = sum_j W_ij, lse (N): the denominator's
+  // log-sum-exp, kept for the backward); semantics in csrc/hp_loss/hp_loss_kernel.h.
+  m.def("hp_contrastive_loss(Tensor z, Tensor f, Tensor phi_f, Tensor s, Tensor phi_s, float tau, "
+        "float rho, float lam, int seed) -> (Tensor loss, Tensor weight, Tensor lse)");
+  // Its backward: grad_z, the similarity tiles and the denominator draws recomputed.
+  m.def("hp_contrastive_loss_backward(Tensor grad_loss, Tensor z, Tensor f, Tensor phi_f, "
+        "Tensor s, Tensor phi_s, Tensor weight, Tensor lse, float tau, float rho, float lam, "
+        "int seed) -> Tensor");
   // munkres_assign: Munkres 1.1.4 (same tie-breaking) on a cost matrix -> column of each row.
   m.def("munkres_assign(Tensor cost) -> Tensor");
 }
