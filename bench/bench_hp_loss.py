@@ -120,6 +120,8 @@ def main():
     p.add_argument("--quick", action="store_true", help="small N (a smoke run)")
     p.add_argument("--sizes", type=int, nargs="+", help="the N to run (default by device)")
     p.add_argument("--repeat", type=int, default=3, help="timed runs per case")
+    p.add_argument("--skip-reference", action="store_true",
+                   help="leave out the chunked reference (the slowest; large N on a CPU)")
     p.add_argument("--one", nargs=2, metavar=("IMPL", "N"), help=argparse.SUPPRESS)  # one case, in a child process
     args = p.parse_args()
     if args.one:
@@ -131,6 +133,8 @@ def main():
     for n in sizes:
         rows = {}
         for impl in IMPLS:
+            if args.skip_reference and impl.startswith("reference"):
+                continue
             rows[impl] = (run_case(impl, n, device, args.repeat) if device.type == "cuda"
                           else run_isolated(impl, n, args.device, args.repeat))
             if device.type == "cuda":

@@ -33,6 +33,7 @@ COMMANDS = {
     "semi": ("lusscore.stages.semi", "semi-supervised protocol: fine-tune on train-semi GT, evaluate"),
     "distance-match": ("lusscore.stages.distance_match",
                        "distance-matching protocol: kNN to train-semi regions, evaluate"),
+    "hp": ("lusscore.stages.hp", "HP (hidden positives) on the run's frozen backbone, evaluate"),
     "cross-eval": ("lusscore.stages.cross_eval",
                    "score a run on another ImageNet-S subset (e.g. S919 on S50: the paper's Tab 6)"),
     "submit": ("lusscore.stages.submit", "zip a run's test predictions for the ImageNet-S test server"),

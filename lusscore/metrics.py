@@ -16,6 +16,9 @@ from lusscore.utils import LusscoreError
 
 KEYS = ("Acc", "mIoU", "mBIoU", "FMeasure", "S", "MS", "ML", "L", "BS", "BMS", "BML", "BL")
 BUCKETS = ("S", "MS", "ML", "L")
+# The matches `compute` finds itself: the official one (image-level co-occurrence) and HP's
+# (pixel-level agreement).
+MATCH_MODES = ("hungarian", "hungarian-pixel")
 
 
 @dataclass
@@ -234,6 +237,18 @@ class SegEvaluator:
                                        self.num_classes)
         return hungarian_match(cooc, self.num_images, variant)
 
+    def pixel_hungarian(self) -> dict[int, int]:
+        """HP's (and STEGO's) matching: one-to-one between the predicted ids (0 included) and
+        the classes 0..C, maximising the valid pixels on which they agree; ids left over -> -1
+        (wrong everywhere)."""
+        from scipy.optimize import linear_sum_assignment
+        conf = self.region_conf[0, :self.rows].double().cpu().numpy()
+        used = np.nonzero(conf.sum(1))[0]  # the ids predicted on some valid pixel
+        pred, gt = linear_sum_assignment(conf[used], maximize=True)
+        match = {int(k): -1 for k in used}
+        match.update({int(used[p]): int(g) for p, g in zip(pred, gt)})
+        return match
+
     def _match_table(self, match, hungarian: bool = False):
         """(target class per pred row or -1 when dropped, foreground flag per pred row)."""
         c, rows = self.num_classes, self.rows
@@ -272,10 +287,15 @@ class SegEvaluator:
         if self.num_images == 0:
             raise LusscoreError("no images were evaluated")
         if isinstance(match, str):
-            if match != "hungarian":
-                raise LusscoreError(f"match must be None, 'hungarian' or a dict, got {match!r}")
-            match = self.hungarian()
-            target, fg = self._match_table(match, hungarian=True)
+            if match not in MATCH_MODES:
+                raise LusscoreError(f"match must be None, {' or '.join(map(repr, MATCH_MODES))} "
+                                    f"or a dict, got {match!r}")
+            if match == "hungarian":
+                match = self.hungarian()
+                target, fg = self._match_table(match, hungarian=True)
+            else:
+                match = self.pixel_hungarian()
+                target, fg = self._match_table(match)
         else:
             target, fg = self._match_table(match)
         out = {}
@@ -298,11 +318,15 @@ class SegEvaluator:
         # The paper's App. B (Tab 15): the means over the C classes, 'other' left out.
         out["mIoU_without_other"] = float(ious[1:].mean()) if len(ious) > 1 else math.nan
         out["mBIoU_without_other"] = float(bious[1:].mean()) if len(bious) > 1 else math.nan
+        # HP's and STEGO's pixel accuracy: the share of valid pixels whose (matched) id is right.
+        rows = np.nonzero(target[:-1] >= 0)[0]
+        total = region[0].sum()
+        out["PixelAcc"] = float(100 * region[0][rows, target[rows]].sum() / total) if total else math.nan
         out["match"] = None if match is None else {int(k): int(v) for k, v in match.items()}
         out["num_images"] = self.num_images
         out["out_of_range_ids"] = sorted(self.out_of_range_ids)
         return {k: out[k] for k in KEYS + ("IoUs", "BIoUs", "mIoU_without_other",
-                                           "mBIoU_without_other", "match", "num_images",
+                                           "mBIoU_without_other", "PixelAcc", "match", "num_images",
                                            "out_of_range_ids")}
 
     def _image_metrics(self, target: np.ndarray, fg: np.ndarray) -> dict:

@@ -2,7 +2,7 @@
 
 The page, <run>/report/index.html, shows: the run summary (config essentials, dataset,
 stage timings from the JSON-lines logs), the metric table of every protocol that was run
-(fully unsupervised, semi-supervised, distance matching) side by side with the trivial
+(fully unsupervised, semi-supervised, distance matching, HP) side by side with the trivial
 floors of <run>/baselines.json (`luss baselines`) when it exists, per-class IoU bars,
 the tau curve, the loss curves of each training stage and a grid of validation images
 (image, GT, pseudo label, the prediction of each protocol, mean attention).
@@ -37,6 +37,7 @@ MAX_ID = 65535  # the largest id a label PNG holds
 class Protocol:
     key: str      # the protocol's name in the run-folder layout (lusscore.stages.layout)
     title: str
+    pass_protocol: bool = True  # PASS's own (ImageNet-S's); HP, another method, is named only when run
 
     def metrics_path(self, run_dir: Path, split: str = "validation") -> Path:
         return RunDir(run_dir).metrics(self.key, split)
@@ -47,7 +48,8 @@ class Protocol:
 
 PROTOCOLS = (Protocol("unsupervised", "fully unsupervised"),
              Protocol("semi", "semi-supervised"),
-             Protocol("distance_match", "distance matching"))
+             Protocol("distance_match", "distance matching"),
+             Protocol("hp", "HP (hidden positives)", pass_protocol=False))
 
 
 # ---------------------------------------------------------------- colours and the picture grid
@@ -67,13 +69,14 @@ def colourise(label: np.ndarray, colours: np.ndarray) -> np.ndarray:
 
 
 def match_lut(match: dict | None, size: int) -> np.ndarray | None:
-    """A lookup array pred id -> GT id for ids 0..size-1 (unmatched ids -> 0); None: identity."""
+    """A lookup array pred id -> GT id for ids 0..size-1 (unmatched ids, and those a match
+    leaves without a class (-1), -> 0); None: identity."""
     if match is None:
         return None
     lut = np.zeros(size, dtype=np.int64)
     for k, v in match.items():
         if 0 <= int(k) < size:
-            lut[int(k)] = int(v)
+            lut[int(k)] = max(int(v), 0)
     return lut
 
 
@@ -522,7 +525,7 @@ def write_report(run_dir, rows: int = 6, top: int = 20) -> Path:
 
     # --- metric tables
     ran = [p for p in PROTOCOLS if p.key in metrics]
-    not_ran = [p for p in PROTOCOLS if p.key not in metrics]
+    not_ran = [p for p in PROTOCOLS if p.key not in metrics and p.pass_protocol]
     keys = [k for k in SUMMARY_KEYS + SIZE_KEYS if any(k in metrics[p.key] for p in ran)]
     table_rows = [[KEY_LABELS[k]] + [fmt(metrics[p.key].get(k)) for p in ran] for k in keys]
     parts += ["<h2>Metrics (validation)</h2>",

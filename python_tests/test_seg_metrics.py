@@ -308,6 +308,26 @@ def test_cooccurrence_and_cost():
     assert cost.dtype == np.float32 and cost[1, 1] == np.float32(1) - np.float32(1) / np.float32(3)
 
 
+def test_pixel_hungarian_and_pixel_accuracy_by_hand():
+    # Two 2x4 images, classes 0..2. Cluster 0 covers class 1 best, cluster 2 class 0, cluster 1
+    # class 2: the pixel match permutes 0 too, the image-level one keeps 0 as 'other'.
+    gt = [np.array([[0, 0, 1, 1], [0, 0, 1, 1]]), np.array([[2, 2, 1, 1], [2, 2, 1000, 1000]])]
+    pred = [np.array([[2, 2, 0, 0], [2, 1, 0, 0]]), np.array([[1, 1, 0, 0], [1, 0, 5, 5]])]
+    ev = SegEvaluator(2)
+    for p, g in zip(pred, gt):
+        ev.update(p, g)
+    res = ev.compute("hungarian-pixel")
+    assert res["match"] == {0: 1, 1: 2, 2: 0}
+    # 14 valid pixels; right: class 1 six of six, class 0 three of four, class 2 three of four
+    assert res["PixelAcc"] == pytest.approx(100 * 12 / 14)
+    # IoU = inter / (predicted + GT - inter): class 0 3/(3+4-3), 1 6/(7+6-6), 2 3/(4+4-3)
+    np.testing.assert_allclose(res["IoUs"], [75.0, 600 / 7, 60.0], atol=1e-6)
+    assert ev.compute("hungarian")["match"][0] == 0  # the official match keeps 0 as 'other'
+    assert ev.compute(None)["PixelAcc"] == 0.0  # no pixel of id k is on class k
+    with pytest.raises(LusscoreError, match="hungarian-pixel"):
+        ev.compute("pixels")
+
+
 # ------------------------------------------------------------------ fixtures: official numbers
 @functools.lru_cache(maxsize=None)
 def _maps(pred_dir: str, names_file: str):

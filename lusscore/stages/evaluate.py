@@ -41,7 +41,9 @@ def add_arguments(parser) -> None:
                         help="names list: one 'image label' (or 'label') path a line; the label "
                              "column is read under --gt and --pred (default: every PNG under --gt)")
     parser.add_argument("--match", default=None,
-                        help="none (default) | hungarian | FILE.json ({\"pred id\": gt id})")
+                        help="none (default) | hungarian (the official: image-level "
+                             "co-occurrence) | hungarian-pixel (HP's and STEGO's: pixel agreement, "
+                             "every id 0 included) | FILE.json ({\"pred id\": gt id})")
     parser.add_argument("--num-classes", type=int, default=None, help="C: 50, 300 or 919")
     parser.add_argument("--ignore-index", type=int, default=1000)
     parser.add_argument("--boundary-ratio", type=float, default=0.03)
@@ -199,7 +201,7 @@ def evaluate(gt_dir, pred_dir, num_classes: int, names=None, match="none", devic
     GT ids, so the predictions are not what they claim) or "drop" (scored as the official
     evaluator scores them: dropped from the histograms, foreground for F)."""
     from lusscore.matching import load_match
-    from lusscore.metrics import SegEvaluator, ThresholdSweep
+    from lusscore.metrics import MATCH_MODES, SegEvaluator, ThresholdSweep
     gt_dir, pred_dir = Path(gt_dir), Path(pred_dir)
     for d, what in ((gt_dir, "GT"), (pred_dir, "prediction")):
         if not d.is_dir():
@@ -218,14 +220,14 @@ def evaluate(gt_dir, pred_dir, num_classes: int, names=None, match="none", devic
     match_arg = match
     if match in (None, "none"):
         match_arg = None
-    elif match != "hungarian":
+    elif match not in MATCH_MODES:
         match_arg = load_match(match)
     lut = None
     if pass_bands:
         if match_arg is None:
             raise LusscoreError("--pass-bands needs a match (hungarian or a file)")
-        if match_arg == "hungarian":  # PASS: a first pass finds the match, then bands follow it
-            first = evaluate(gt_dir, pred_dir, num_classes, names, "hungarian", device, workers,
+        if match_arg in MATCH_MODES:  # PASS: a first pass finds the match, then bands follow it
+            first = evaluate(gt_dir, pred_dir, num_classes, names, match_arg, device, workers,
                              missing_as_background, False, None, conf_suffix, ignore_index,
                              boundary_ratio, quiet, out_of_range)
             match_arg = {int(k): v for k, v in first["match"].items()}
@@ -337,7 +339,7 @@ DISTANCE_MATCH_MODES = ("none", "hungarian")
 
 
 def protocol_matches(cfg: dict, protocol: str) -> bool:
-    """Whether a protocol's ids need a match to GT: unsupervised clusters always; semi never
+    """Whether a protocol's ids need a match to GT: unsupervised and HP clusters always; semi never
     (its head predicts GT ids); distance matching only with distance_match.match: hungarian
     (the reference code's re-matching, default none)."""
     if protocol == "distance_match":
@@ -346,16 +348,25 @@ def protocol_matches(cfg: dict, protocol: str) -> bool:
             raise LusscoreError(f"distance_match.match must be "
                                 f"{' or '.join(map(repr, DISTANCE_MATCH_MODES))}, not {mode!r}")
         return mode == "hungarian"
-    return protocol == "unsupervised"
+    return protocol in ("unsupervised", "hp")
+
+
+HP_MATCHES = {"image": "hungarian", "pixel": "hungarian-pixel"}
 
 
 def protocol_match(ctx, protocol: str, split: str) -> str:
     """The match a protocol's split is scored with: none, or for a matched protocol the
-    Hungarian match found on validation, which test reuses from its match.json."""
+    Hungarian match found on validation (HP's with hp.match: pixel), which test reuses from
+    its match.json."""
     if not protocol_matches(ctx.cfg, protocol):
         return "none"
     if split == "validation":
-        return "hungarian"
+        if protocol != "hp":
+            return "hungarian"
+        mode = ctx.cfg["hp"]["match"]
+        if mode not in HP_MATCHES:
+            raise LusscoreError(f"hp.match must be {' or '.join(map(repr, HP_MATCHES))}, not {mode!r}")
+        return HP_MATCHES[mode]
     path = ctx.run.match(protocol)
     if not path.is_file():
         raise LusscoreError(f"{path} not found: the {split} split reuses the match found on "
@@ -368,7 +379,8 @@ def evaluate_predictions(ctx, pred_dir: Path | None = None, out_dir: Path | None
                          workers: int = 0) -> dict:
     """Evaluate a protocol's predictions of a split with GT (default: the unsupervised
     validation ones) and write out_dir/metrics.json, plus out_dir/match.json when the match
-    is found here (match="hungarian"; a match.json path is applied as it is)."""
+    is found here (match "hungarian" or "hungarian-pixel"; a match.json path is applied as it
+    is)."""
     ds, run = ctx.dataset, ctx.run
     names = ds.names_path(split)
     pred_dir = Path(pred_dir) if pred_dir is not None else run.predictions("unsupervised", split)
@@ -377,10 +389,12 @@ def evaluate_predictions(ctx, pred_dir: Path | None = None, out_dir: Path | None
                       ds.num_classes, names=names if names.is_file() else None, match=match,
                       device=eval_device(ctx.rt), workers=workers)
     if ctx.rt.is_main:
-        if match == "hungarian":
+        if match in ("hungarian", "hungarian-pixel"):
             match_ids = {str(k): int(v) for k, v in result["match"].items()}
             atomic_write_text(out_dir / MATCH_FILE, json.dumps(match_ids, indent=1))
         atomic_write_text(out_dir / METRICS_FILE, json.dumps(json_ready(result), indent=1))
+    if match in ("hungarian", "hungarian-pixel"):
+        result["matching"] = match
         print(f"{split}:")
         print(format_table(result, ["other"] + ds.wnids))
     return result
@@ -394,9 +408,29 @@ def evaluate_protocol(ctx, protocol: str, split: str = "validation", workers: in
                                 workers=workers)
 
 
+def run_splits(ctx, protocol: str, runner) -> dict:
+    """A protocol that needs only the pretrained backbone on validation, then test:
+    runner(ctx, split) predicts and scores a split (None when it has no GT); a split whose
+    metrics.json exists is skipped (its metrics read back). Returns {split: result} of the
+    scored splits."""
+    results = {}
+    for split in prediction_splits(ctx.dataset):
+        if ctx.run.scored(protocol, split):
+            path = ctx.run.metrics(protocol, split)
+            ctx.log(f"{protocol} {split}: complete ({path}), skipped")
+            results[split] = json.loads(path.read_text())
+            continue
+        ctx.log(f"{protocol}: {split}")
+        result = runner(ctx, split)
+        if result is not None:
+            ctx.log(f"{protocol} {split}: mIoU {result['mIoU']:.2f}")
+            results[split] = result
+    return results
+
+
 # The side-by-side summary of a run's protocols (protocols.json and the printed table)
 
-SUMMARY_KEYS = ("mIoU", "mBIoU", "Acc", "FMeasure", "S", "MS", "ML", "L")
+SUMMARY_KEYS = ("mIoU", "mBIoU", "Acc", "FMeasure", "S", "MS", "ML", "L", "PixelAcc")
 NAME_WIDTH = 20  # first column of the protocol table: fits 'floor colour_kmeans'
 
 
@@ -408,7 +442,8 @@ def summarize(protocol: str, results: dict) -> dict:
         out = {k: result.get(k) for k in SUMMARY_KEYS}
         # test never gets a match of its own: a matched protocol reuses validation's
         out["match"] = ("none" if result.get("match") is None
-                        else "hungarian" if split == "validation" else "validation")
+                        else result.get("matching", "hungarian") if split == "validation"
+                        else "validation")
         out["metrics"] = RunDir("").metrics(protocol, split).as_posix()
         return out
     out = one("validation")
@@ -426,7 +461,8 @@ def format_protocols(summary: dict, floors: dict | None = None) -> str:
     lines = [f"{'':<{NAME_WIDTH}} {'validation (tuned)':^31}   {'test (untouched)':^31}",
              f"{'protocol':<{NAME_WIDTH}} {heads}   {heads}  match"]
     for name, m in summary.items():
-        match = "hungarian on validation" if m["match"] == "hungarian" else m["match"]
+        match = {"hungarian": "hungarian on validation",
+                 "hungarian-pixel": "pixel hungarian on validation"}.get(m["match"], m["match"])
         lines.append(f"{name:<{NAME_WIDTH}} {cells(m)}   {cells(m.get('test'))}  {match}")
     floors = floors or {}
     val = floors.get("validation")

@@ -5,14 +5,15 @@ Validation (every choice is made there) sits in the protocol's folder, test (sco
 never used for a choice) in its test/ sub-folder::
 
     <run>/config.yaml                 the resolved config (label.tau written by the sweep)
-    <run>/<stage>.pt, .yaml, .jsonl   pretrain, attention, finetune, semi: checkpoint, its
+    <run>/<stage>.pt, .yaml, .jsonl   pretrain, attention, finetune, semi, hp: checkpoint, its
                                       config, the loss log
     <run>/cluster/                    centroids.npy, assignments.npy, summary.json
     <run>/labels/<split>/<wnid>/<name>.png (+ .npy mean attention for validation)
     <run>/sweep_tau.json, sweep_tau.png, attention_score.json
-    <run>[/semi | /distance_match]/predictions/<split>/<wnid>/<name>.png
-    <run>[/semi | /distance_match]/metrics.json, match.json (when matched on validation)
-    <run>[/semi | /distance_match]/test/metrics.json
+    <run>[/semi | /distance_match | /hp]/predictions/<split>/<wnid>/<name>.png
+    <run>[/semi | /distance_match | /hp]/metrics.json, match.json (when matched on validation)
+    <run>[/semi | /distance_match | /hp]/test/metrics.json
+    <run>/hp/clusters.json            HP's cluster order (the border cluster first: 'other')
     <run>/distance_match/bank.pt      the train-semi region bank of distance matching
     <run>/baselines.json, <run>/test/baselines.json       the trivial floors of each split
     <run>/saliency/<split>/<wnid>/<name>.png, settings.json  label.prior rc: the shape prior
@@ -50,14 +51,19 @@ SWITCHES = """the paper's ablations as config switches (--set KEY=VALUE; default
 RUN_CONFIG = "config.yaml"
 METRICS_FILE = "metrics.json"
 MATCH_FILE = "match.json"
-PROTOCOLS = ("unsupervised", "semi", "distance_match")
+PROTOCOLS = ("unsupervised", "semi", "distance_match", "hp")
 EVAL_SPLITS = ("validation", "test")
-TRAINING_STAGES = ("pretrain", "attention", "finetune", "semi")
+TRAINING_STAGES = ("pretrain", "attention", "finetune", "semi", "hp")
+
+# What HP's training reads (hp.match only scores it).
+HP_TRAINING_KEYS = ("backbone", "vit", "epochs", "batch_size", "crop", "scale", "dim", "dropout",
+                    "lr", "weight_decay", "probe_lr", "grad_norm", "tau", "base_tau", "rho", "alpha",
+                    "ema_momentum", "pool_size", "lambda_warmup")
 
 # The steps of a run whose outputs depend on the config, each after the step it starts from,
 # with the config keys (sections or dotted keys) its outputs depend on beyond that step's.
 # Keys that change no output are not listed: data.workers, ops, how the protocols are scored
-# (distance_match.match), and data.root (a dataset that moved keeps its run folder; a
+# (distance_match.match, hp.match), and data.root (a dataset that moved keeps its run folder; a
 # pretraining folder of its own, data.pretrain_root, is another dataset and is listed).
 STEPS = {
     "pretrain": (None, ("seed", "data.num_classes", "data.pretrain_root", "model", "pretrain")),
@@ -70,6 +76,7 @@ STEPS = {
     "finetune": ("label", ("finetune",)),
     "infer": ("finetune", ("infer",)),
     "semi": ("pretrain", ("semi", "infer.resize")),
+    "hp": ("pretrain", tuple(f"hp.{k}" for k in HP_TRAINING_KEYS) + ("infer.resize",)),
     "distance_match": ("pretrain", ("distance_match.k", "distance_match.temperature",
                                     "distance_match.stride", "distance_match.resize")),
 }
@@ -225,7 +232,7 @@ class RunDir:
         if step in TRAINING_STAGES:
             ck = self.checkpoint(step)
             paths = [ck, ck.with_suffix(".yaml"), self.training_log(step)]
-            return paths + ([self.protocol_dir("semi")] if step == "semi" else [])
+            return paths + ([self.protocol_dir(step)] if step in ("semi", "hp") else [])
         return {
             "cluster": [self.cluster_dir],
             "sweep_tau": [self.labels("validation"), self.sweep, self.sweep_plot, self.attention_score],

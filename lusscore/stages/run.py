@@ -25,14 +25,13 @@ import json
 from lusscore.config import apply_overrides, load_config
 from lusscore.ops.switch import ops_from_config
 # The stages as modules, their functions looked up when called (so a test can replace one).
-from lusscore.stages import (attention, baselines, cluster, distance_match, finetune, infer,
+from lusscore.stages import (attention, baselines, cluster, distance_match, finetune, hp, infer,
                              label, pretrain, semi, sweep_tau)
 from lusscore.stages.common import (PROTOCOLS, STEPS, RunDir, StageContext, StageTimings, open_run,
                                     redo_from, train_stage)
 from lusscore.stages.layout import SWITCHES
-from lusscore.stages.evaluate import (evaluate_protocol, format_protocols, json_ready,
-                                      prediction_splits, scored_splits, skipped_test_reason,
-                                      summarize)
+from lusscore.stages.evaluate import (evaluate_protocol, format_protocols, json_ready, run_splits,
+                                      scored_splits, skipped_test_reason, summarize)
 from lusscore.utils import LusscoreError, atomic_write_text
 
 
@@ -74,25 +73,13 @@ def run_unsupervised(ctx: StageContext, timings: StageTimings) -> dict:
 
 def protocol_runner(protocol: str):
     """run(ctx, split) of a protocol that needs only the pretrained backbone."""
-    return {"semi": semi.run_semi, "distance_match": distance_match.run_distance_match}[protocol]
+    return {"semi": semi.run_semi, "distance_match": distance_match.run_distance_match,
+            "hp": hp.run_hp}[protocol]
 
 
 def run_protocol(ctx: StageContext, protocol: str) -> dict:
-    """semi or distance_match on validation, then test; a split whose metrics.json exists is
-    skipped (its metrics read back). Returns {split: result} of the scored splits."""
-    results = {}
-    for split in prediction_splits(ctx.dataset):
-        if ctx.run.scored(protocol, split):
-            path = ctx.run.metrics(protocol, split)
-            ctx.log(f"{protocol} {split}: complete ({path}), skipped")
-            results[split] = json.loads(path.read_text())
-            continue
-        ctx.log(f"{protocol}: {split}")
-        result = protocol_runner(protocol)(ctx, split)
-        if result is not None:  # None: a split without GT, predicted only
-            ctx.log(f"{protocol} {split}: mIoU {result['mIoU']:.2f}")
-            results[split] = result
-    return results
+    """semi, distance_match or hp on validation, then test (evaluate.run_splits)."""
+    return run_splits(ctx, protocol, protocol_runner(protocol))
 
 
 @ops_from_config
