@@ -49,7 +49,8 @@ class Protocol:
 PROTOCOLS = (Protocol("unsupervised", "fully unsupervised"),
              Protocol("semi", "semi-supervised"),
              Protocol("distance_match", "distance matching"),
-             Protocol("hp", "HP (hidden positives)", pass_protocol=False))
+             Protocol("hp", "HP (hidden positives)", pass_protocol=False),
+             Protocol("hp_linear", "HP linear probe", pass_protocol=False))
 
 
 # ---------------------------------------------------------------- colours and the picture grid

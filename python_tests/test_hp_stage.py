@@ -1,6 +1,7 @@
 """`luss hp`: HP's pools, local mixing, lambda ramp and objective, then a tiny run end to end
 (outputs, cluster order, resume after a crash, the CLI's table beside the floors)."""
 import json
+import math
 
 import pytest
 import torch
@@ -16,11 +17,14 @@ from lusscore.losses.hp import (RingPool, affinity_mix_weights, attention_mix_we
 from lusscore.reference.hp_loss import hp_contrastive_loss as reference_loss
 from lusscore.stages import hp
 from lusscore.stages.common import StageContext
+from lusscore.stages.semi import semi_pairs
 
 from test_protocols import fake_pretrain, tiny_cfg, tiny_root  # noqa: F401 (a fixture)
 
 CPU = Runtime(torch.device("cpu"))
-HP_TINY = ["hp.epochs=2", "hp.batch_size=4", "hp.crop=32", "hp.dim=8", "hp.pool_size=8"]
+HP_TINY = ["hp.epochs=2", "hp.batch_size=4", "hp.crop=32", "hp.dim=8", "hp.pool_size=8",
+           "hp_linear.epochs=10", "hp_linear.lr=0.01", "hp_linear.batch_size=4", "hp_linear.crop=32", "hp_linear.label_size=16",
+           "hp_linear.scale=[0.5, 1.0]"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,6 +45,35 @@ def test_ring_pool_keeps_the_latest_rows_and_round_trips():
     other.add(torch.tensor([[7.0, 7]]))
     pool.add(torch.tensor([[7.0, 7]]))
     assert torch.equal(other.view(), pool.view())
+
+
+def test_ring_pool_replace_drops_every_old_row():
+    pool = RingPool(4, 1, "cpu")
+    pool.add(torch.arange(4.0).view(4, 1))
+    pool.replace(torch.tensor([[7.0], [8.0]]))
+    assert pool.view()[:, 0].tolist() == [7, 8]
+
+
+def test_renewal_recomputes_the_specific_pool_every_n_steps(tmp_path, tiny_root, monkeypatch):  # noqa: F811
+    cfg = tiny_cfg(tiny_root, *HP_TINY, "hp.renew_interval=2")
+    run = tmp_path / "run"
+    fake_pretrain(cfg, run)
+    calls, original = [], hp.reference_pool
+
+    def counted(*args, head=None, **kwargs):
+        calls.append(head)
+        return original(*args, head=head, **kwargs)
+
+    monkeypatch.setattr(hp, "reference_pool", counted)
+    ctx = StageContext(cfg, run, CPU)
+    hp.train_hp(ctx, hp.frozen_backbone(ctx))
+    steps = len((run / "hp.jsonl").read_text().splitlines())
+    # the agnostic pool, the first specific pool, then a renewal at every 2nd step after 0
+    assert calls[0] is None and all(c is not None for c in calls[1:])
+    assert len(calls) == 2 + (steps - 1) // 2
+    state = torch.load(run / "hp.pt", weights_only=False)
+    images = len(ImageNetS(tiny_root).image_samples("train"))
+    assert state["pool_specific"]["filled"] == min(8, images)
 
 
 def test_pool_thresholds_are_the_max_similarity_and_inf_when_empty():
@@ -130,6 +163,19 @@ def test_flat_pixels_orders_rows_image_then_position():
 # End to end
 
 
+@torch.no_grad()
+def train_semi_loss(model, cfg):
+    """Cross-entropy (ignore 1000) of a predictor on the whole train-semi images (no crops)."""
+    from lusscore.data.transforms import load_image_tensor
+    losses = []
+    for image, label in semi_pairs(StageContext(cfg, ".", CPU)):
+        logits = model(load_image_tensor(image, 48)[None])
+        gt = torch.from_numpy(read_label_png(label).astype("int64"))
+        logits = F.interpolate(logits, size=gt.shape, mode="bilinear", align_corners=False)
+        losses.append(F.cross_entropy(logits, gt[None], ignore_index=1000).item())
+    return sum(losses) / len(losses)
+
+
 def test_hp_trains_predicts_resumes_and_reports(tmp_path, tiny_root, monkeypatch, capsys):  # noqa: F811
     cfg = tiny_cfg(tiny_root, *HP_TINY)
     run_a, run_b = tmp_path / "a", tmp_path / "b"
@@ -173,10 +219,20 @@ def test_hp_trains_predicts_resumes_and_reports(tmp_path, tiny_root, monkeypatch
     capsys.readouterr()
     assert cli.main(["hp", "--run-dir", str(run_a), "--device", "cpu"]) == 0  # trained: predict, score
     table = capsys.readouterr().out
-    assert "hp" in table and "floor colour_kmeans" in table
+    assert "hp_linear" in table and "floor colour_kmeans" in table
     summary = json.loads((run_a / "protocols.json").read_text())
     assert summary["hp"]["match"] == "hungarian" and "test" in summary["hp"]
     assert (run_a / "hp" / "test" / "metrics.json").is_file()
+    # the linear probe: trained on train-semi's GT over the frozen head, class ids, no match
+    assert summary["hp_linear"]["match"] == "none" and summary["hp_linear"]["test"] is not None
+    probe = torch.load(run_a / "hp_linear.pt", weights_only=False)
+    assert probe["done"] and probe["epoch"] == 10
+    for k, v in probe["model"].items():  # the backbone and the head stayed frozen
+        if k.startswith("head."):
+            assert torch.equal(v, full["model"]["model." + k]), k
+    # it learnt: its cross-entropy on the whole train-semi images is below the uniform guess's
+    model = hp.linear_probe(StageContext(cfg, run_a, CPU))
+    assert train_semi_loss(model, cfg) < 0.9 * math.log(4)
     assert "hidden positives" in cli._usage()
 
     # HP's own scoring: the pixel-level Hungarian over every cluster, 'other' included.

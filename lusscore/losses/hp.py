@@ -39,7 +39,7 @@ def one_patch_per_image(features: torch.Tensor, generator: torch.Generator | Non
 
 class RingPool:
     """The task-specific reference pool: the latest `size` rows added (the batches' EMA
-    features, one patch per image), oldest overwritten first."""
+    features, one patch per image), oldest overwritten first; or, renewed, the rows given."""
 
     def __init__(self, size: int, dim: int, device):
         self.rows = torch.zeros(size, dim, device=device)
@@ -52,6 +52,11 @@ class RingPool:
         self.rows[slots] = rows.to(self.rows.dtype)
         self.next = (self.next + rows.shape[0]) % size
         self.filled = min(self.filled + rows.shape[0], size)
+
+    def replace(self, rows: torch.Tensor) -> None:
+        """The pool becomes `rows` (at most `size` of them; HP's renewal)."""
+        self.filled, self.next = 0, 0
+        self.add(rows)
 
     def view(self) -> torch.Tensor:
         return self.rows[:self.filled]

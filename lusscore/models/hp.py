@@ -6,6 +6,8 @@
   (the codes z of the contrastive loss).
 - ClusterProbe: K centroids on the sphere, trained online on the detached codes (spherical
   k-means by gradient: each code pulls its nearest centroid); its argmax is the prediction.
+- HPLinearProbe: a 1x1 linear classifier on the frozen backbone and head, trained on labelled
+  pixels (HP's linear probe, a diagnostic of the codes).
 """
 from __future__ import annotations
 
@@ -86,3 +88,25 @@ class HPPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.probe.logits(self.head(self.backbone(x)))[:, self.order]
+
+
+class HPLinearProbe(nn.Module):
+    """Frozen backbone -> frozen S -> a trainable 1x1 linear map to `classes` logits:
+    (B, 3, H, W) -> (B, classes, h, w). The frozen parts stay in eval mode (no dropout)."""
+
+    def __init__(self, backbone: nn.Module, head: HPHead, dim: int, classes: int):
+        super().__init__()
+        self.backbone = backbone.requires_grad_(False)
+        self.head = head.requires_grad_(False)
+        self.linear = nn.Conv2d(dim, classes, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            codes = self.head(self.backbone(x))
+        return self.linear(codes.float())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.backbone.eval()
+        self.head.eval()
+        return self

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -55,11 +56,15 @@ class SegmentationTrainer(Trainer):
         self.loader = make_loader(dataset, per_rank, rt, int(cfg["seed"]),
                                   workers=cfg["data"]["workers"])
         self.model = prepare_model(model, rt)
-        self.optimizer = LARS(self.model.parameters(), lr=fcfg["base_lr"], momentum=0.9,
-                              weight_decay=fcfg["weight_decay"])
-        self.epochs, iters = int(fcfg["epochs"]), len(self.loader)
-        self.lrs = cosine_schedule(fcfg["base_lr"], fcfg["final_lr"], self.epochs * iters,
-                                   warmup_iters=int(fcfg["warmup_epochs"] * iters))
+        self.epochs = int(fcfg["epochs"])
+        self.optimizer, self.lrs = self.optimization(fcfg, len(self.loader))
+
+    def optimization(self, fcfg: dict, iters: int) -> tuple[torch.optim.Optimizer, list[float]]:
+        """LARS with a cosine schedule (per iteration) over the section's epochs."""
+        optimizer = LARS(self.model.parameters(), lr=fcfg["base_lr"], momentum=0.9,
+                         weight_decay=fcfg["weight_decay"])
+        return optimizer, cosine_schedule(fcfg["base_lr"], fcfg["final_lr"], self.epochs * iters,
+                                          warmup_iters=int(fcfg["warmup_epochs"] * iters))
 
     def loss(self, batch):
         x, y = (t.to(self.rt.device, non_blocking=True) for t in batch)
@@ -69,9 +74,11 @@ class SegmentationTrainer(Trainer):
         return F.cross_entropy(logits, y, ignore_index=IGNORE_INDEX), {}, x.shape[0]
 
 
-def train_segmentation(ctx: StageContext, section: str, pairs, model: nn.Module) -> nn.Module:
-    """The fine-tuning loop shared by `finetune` (pseudo labels) and `semi` (GT labels)."""
-    trainer = SegmentationTrainer(ctx.cfg, section, pairs, ctx.rt, model)
+def train_segmentation(ctx: StageContext, section: str, pairs, model: nn.Module,
+                       trainer_class: type[SegmentationTrainer] = SegmentationTrainer) -> nn.Module:
+    """The fine-tuning loop shared by `finetune` (pseudo labels), `semi` (GT labels) and HP's
+    linear probe."""
+    trainer = trainer_class(ctx.cfg, section, pairs, ctx.rt, model)
     return train_epochs(trainer, ctx.run, ctx.rt, ctx.cfg)
 
 

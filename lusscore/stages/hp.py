@@ -1,5 +1,6 @@
-"""HP protocol: hidden-positive contrastive learning (Seong et al., CVPR 2023) on the frozen
-pretrained backbone of a run, scored beside PASS's own protocols and the trivial floors.
+"""HP protocol: hidden-positive contrastive learning (Seong et al., CVPR 2023) on a frozen
+backbone (the run's PASS-pretrained ResNet, or a timm ViT with a DINO checkpoint's weights:
+hp.backbone), scored beside PASS's own protocols and the trivial floors.
 
 Trains <run>/hp.pt (the `hp` config section; resumed after a crash, loss log <run>/hp.jsonl):
 the segmentation head S, its EMA copy S', the projection Z and the cluster probe
@@ -7,8 +8,13 @@ the segmentation head S, its EMA copy S', the projection Z and the cluster probe
 each crop. Per batch the thresholds phi come from two reference pools: the task-agnostic one
 (backbone features of one random patch from each of hp.pool_size random training images,
 fixed) and the task-specific one (a ring buffer of the batches' EMA-head features, one patch per
-image: no extra forward passes); the loss is the fused hp_contrastive_loss on the codes and on
-their local (3x3) mixes, plus the consistency regulariser (lusscore/losses/hp.py).
+image: no extra forward passes; or with hp.renew_interval N, HP's own: recomputed from
+pool_size random train images every N steps); the loss is the fused hp_contrastive_loss on the
+codes and on their local (3x3) mixes, plus the consistency regulariser (lusscore/losses/hp.py).
+
+HP's linear probe (protocol hp_linear): a 1x1 classifier on the frozen backbone and S, trained
+on the train-semi GT (<run>/hp_linear.pt, the `hp_linear` section), predicting class ids
+(scored without a match): <run>/hp_linear/.
 
 Prediction: backbone -> S -> nearest centroid. The cluster most frequent on the border pixels of
 the train images is 'other' (id 0, the floors' rule), the rest are ids 1..C, matched to classes
@@ -33,15 +39,18 @@ from lusscore.engine import Runtime, Trainer, autocast, make_loader, prepare_mod
 from lusscore.losses.hp import (RingPool, affinity_mix_weights, attention_mix_weights, flat_pixels,
                                 hp_objective, lambda_at, mix_codes, one_patch_per_image,
                                 pool_thresholds)
-from lusscore.models.hp import HPModel, HPPredictor
+from lusscore.models.hp import HPLinearProbe, HPModel, HPPredictor
 from lusscore.models.pass_models import pretrained_trunk
 from lusscore.models.vit import ViTBackbone
 from lusscore.stages.common import StageContext, add_run_arguments, record_step, start_run
 from lusscore.stages.evaluate import evaluate_protocol
+from lusscore.stages.finetune import SegmentationTrainer, train_segmentation
 from lusscore.stages.infer import predict_split
+from lusscore.stages.semi import semi_pairs
 from lusscore.utils import LusscoreError, atomic_write_text, progress_bar
 
 SECTION = "hp"
+LINEAR = "hp_linear"  # the linear probe's stage and protocol
 
 
 class HPViews(Dataset):
@@ -111,17 +120,20 @@ def features_and_mix_weights(backbone: nn.Module, x: torch.Tensor) -> tuple[torc
 
 
 @torch.no_grad()
-def agnostic_pool(backbone: nn.Module, paths: list[Path], size: int, crop: int,
-                  rt: Runtime, batch_size: int = 32) -> torch.Tensor:
-    """(min(size, images), C): the normalised backbone feature of one random patch of each of
-    `size` random images (resized and centre-cropped to `crop`)."""
+def reference_pool(backbone: nn.Module, paths: list[Path], size: int, crop: int, rt: Runtime,
+                   head: nn.Module | None = None, batch_size: int = 32) -> torch.Tensor:
+    """(min(size, images), C): the normalised feature (the backbone's, or `head`'s output on
+    it) of one random patch of each of `size` random images (resized and centre-cropped to
+    `crop`)."""
     chosen = torch.randperm(len(paths))[:size].tolist()
     rows = []
     for start in range(0, len(chosen), batch_size):
         x = torch.stack([load_center_crop(paths[i], crop, crop) for i in chosen[start:start + batch_size]])
         with autocast(rt):
-            features = backbone(x.to(rt.device)).float()
-        rows.append(one_patch_per_image(features))
+            features = backbone(x.to(rt.device))
+            if head is not None:
+                features = head(features)
+        rows.append(one_patch_per_image(features.float()))
     return F.normalize(torch.cat(rows), dim=1)
 
 
@@ -146,9 +158,20 @@ class HPTrainer(Trainer):
         self.epochs = int(h["epochs"])
         self.total_steps = self.epochs * len(self.loader)
         self.lrs = [h["lr"]] * self.total_steps  # HP trains at a constant learning rate
-        self.pool_agnostic = agnostic_pool(backbone, paths, h["pool_size"], h["crop"], rt)
+        self.paths = paths
+        self.pool_agnostic = reference_pool(backbone, paths, h["pool_size"], h["crop"], rt)
         self.pool_specific = RingPool(h["pool_size"], h["dim"], rt.device)
+        self.renew_interval = int(h["renew_interval"])
+        if self.renew_interval:
+            self.renew_specific_pool()
         self.step = 0
+
+    def renew_specific_pool(self) -> None:
+        """HP's renewal: the EMA head's features of one patch of each of pool_size random
+        train images replace the whole task-specific pool."""
+        h = self.h
+        self.pool_specific.replace(reference_pool(self.backbone, self.paths, h["pool_size"],
+                                                  h["crop"], self.rt, head=self.core.ema_head))
 
     def start_epoch(self, epoch: int) -> None:
         self.step = epoch * len(self.loader)
@@ -156,6 +179,8 @@ class HPTrainer(Trainer):
     def loss(self, batch):
         h = self.h
         x, x_aug = (t.to(self.rt.device, non_blocking=True) for t in batch)
+        if self.renew_interval and self.step and self.step % self.renew_interval == 0:
+            self.renew_specific_pool()
         with torch.no_grad(), autocast(self.rt):
             features, mix_weights = features_and_mix_weights(self.backbone, x)
             features_aug = self.backbone(x_aug).float()
@@ -169,8 +194,9 @@ class HPTrainer(Trainer):
         loss, parts = hp_objective(flat_pixels(z), flat_pixels(z_mix), flat_pixels(z_aug), f, phi_f,
                                    s, phi_s, h["tau"], h["rho"], lam, h["alpha"],
                                    seed=self.seed * 1_000_003 + self.step, base_tau=h["base_tau"])
-        # The batch joins the task-specific pool after its own thresholds were taken.
-        self.pool_specific.add(one_patch_per_image(s_ema.float()))
+        if not self.renew_interval:
+            # The batch joins the task-specific pool after its own thresholds were taken.
+            self.pool_specific.add(one_patch_per_image(s_ema.float()))
         self.step += 1
         parts.update(probe=probe_loss.detach(), lam=torch.tensor(lam))
         return loss + probe_loss, parts, x.shape[0]
@@ -226,12 +252,17 @@ def other_first_order(backbone: nn.Module, model: HPModel, paths: list[Path], re
     return {"order": [other] + [c for c in range(k) if c != other], "border_counts": counts.tolist()}
 
 
-def hp_predictor(ctx: StageContext) -> HPPredictor:
-    """The trained HP model (trained here when <run>/hp.pt is not complete) as a predictor;
-    its cluster order is written to <run>/hp/clusters.json."""
+def trained_hp(ctx: StageContext) -> tuple[nn.Module, HPModel]:
+    """(the frozen backbone, the HP model of <run>/hp.pt, trained here when not complete)."""
     backbone = frozen_backbone(ctx)
-    done = ctx.run.stage_done(SECTION)
-    model = load_hp_model(ctx, backbone) if done else train_hp(ctx, backbone)
+    model = load_hp_model(ctx, backbone) if ctx.run.stage_done(SECTION) else train_hp(ctx, backbone)
+    return backbone, model
+
+
+def hp_predictor(ctx: StageContext) -> HPPredictor:
+    """The trained HP model as a predictor; its cluster order is written to
+    <run>/hp/clusters.json."""
+    backbone, model = trained_hp(ctx)
     paths = [p for p, _ in ctx.dataset.image_samples("train")]
     clusters = other_first_order(backbone, model, paths, ctx.cfg["infer"]["resize"], ctx.rt)
     if ctx.rt.is_main:
@@ -241,14 +272,49 @@ def hp_predictor(ctx: StageContext) -> HPPredictor:
     return HPPredictor(backbone, model, clusters["order"]).to(ctx.rt.device).eval()
 
 
-def run_hp(ctx: StageContext, split: str = "validation") -> dict | None:
-    """Train (or load) HP, predict `split`; its metrics, or None without GT."""
+class LinearProbeTrainer(SegmentationTrainer):
+    """HP's linear probe: the fine-tuning loop's crops and cross-entropy, HP's Adam at a
+    constant lr on the 1x1 classifier (the rest is frozen)."""
+
+    def optimization(self, fcfg: dict, iters: int):
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        return torch.optim.Adam(trainable, lr=fcfg["lr"]), [fcfg["lr"]] * (self.epochs * iters)
+
+
+def linear_probe(ctx: StageContext) -> HPLinearProbe:
+    """HP's linear probe on the trained HP head (<run>/hp_linear.pt: trained here on the
+    train-semi GT, the `hp_linear` section, when not complete)."""
+    backbone, model = trained_hp(ctx)
+    probe = HPLinearProbe(backbone, model.head, ctx.cfg[SECTION]["dim"], ctx.cfg["data"]["num_classes"] + 1)
+    if ctx.run.stage_done(LINEAR):
+        probe.load_state_dict(load_checkpoint(ctx.run.checkpoint(LINEAR))["model"])
+    else:
+        ctx.seed_stage(LINEAR)
+        probe = train_segmentation(ctx, LINEAR, semi_pairs(ctx), probe.to(ctx.rt.device),
+                                   LinearProbeTrainer)
+        record_step(ctx, LINEAR)
+    return probe.to(ctx.rt.device).eval()
+
+
+def _predict_and_score(ctx: StageContext, protocol: str, model: nn.Module, split: str) -> dict | None:
     ds = ctx.dataset
-    predict_split(hp_predictor(ctx), ds.prediction_samples(split), ctx.run.predictions(SECTION, split),
-                  ctx.rt, resize=ctx.cfg["infer"]["resize"])
+    predict_split(model, ds.prediction_samples(split), ctx.run.predictions(protocol, split), ctx.rt,
+                  resize=ctx.cfg["infer"]["resize"])
     if not ds.has_labels(split):
         return None
-    return evaluate_protocol(ctx, SECTION, split)
+    return evaluate_protocol(ctx, protocol, split)
+
+
+def run_hp(ctx: StageContext, split: str = "validation") -> dict | None:
+    """Train (or load) HP, predict `split` with its cluster probe; its metrics (matched), or
+    None without GT."""
+    return _predict_and_score(ctx, SECTION, hp_predictor(ctx), split)
+
+
+def run_hp_linear(ctx: StageContext, split: str = "validation") -> dict | None:
+    """Train (or load) HP and its linear probe, predict `split` with the probe; its metrics
+    (class ids: no match), or None without GT."""
+    return _predict_and_score(ctx, LINEAR, linear_probe(ctx), split)
 
 
 def add_arguments(parser):
@@ -256,16 +322,17 @@ def add_arguments(parser):
 
 
 def main(args):
-    """Validation, then test when it has GT; the table beside the run's other protocols and
-    the floors; <run>/protocols.json updated."""
+    """HP's cluster probe (protocol hp), then its linear probe (hp_linear), each on
+    validation, then test when it has GT; the table beside the run's other protocols and the
+    floors; <run>/protocols.json updated."""
     from lusscore.stages.baselines import baselines_step
     from lusscore.stages.evaluate import format_protocols, json_ready, run_splits, summarize
     ctx = start_run(args)
-    results = run_splits(ctx, SECTION, run_hp)
+    results = {SECTION: run_splits(ctx, SECTION, run_hp), LINEAR: run_splits(ctx, LINEAR, run_hp_linear)}
     floors = baselines_step(ctx)
-    if ctx.rt.is_main and results:
+    if ctx.rt.is_main:
         path = ctx.run.protocols_summary
         summary = json.loads(path.read_text()) if path.is_file() else {}
-        summary[SECTION] = summarize(SECTION, results)
+        summary.update({name: summarize(name, r) for name, r in results.items() if r})
         atomic_write_text(path, json.dumps(json_ready(summary), indent=1))
         print(format_protocols(summary, floors), flush=True)

@@ -5,14 +5,16 @@ Validation (every choice is made there) sits in the protocol's folder, test (sco
 never used for a choice) in its test/ sub-folder::
 
     <run>/config.yaml                 the resolved config (label.tau written by the sweep)
-    <run>/<stage>.pt, .yaml, .jsonl   pretrain, attention, finetune, semi, hp: checkpoint, its
-                                      config, the loss log
+    <run>/<stage>.pt, .yaml, .jsonl   pretrain, attention, finetune, semi, hp, hp_linear:
+                                      checkpoint, its config, the loss log
     <run>/cluster/                    centroids.npy, assignments.npy, summary.json
     <run>/labels/<split>/<wnid>/<name>.png (+ .npy mean attention for validation)
     <run>/sweep_tau.json, sweep_tau.png, attention_score.json
-    <run>[/semi | /distance_match | /hp]/predictions/<split>/<wnid>/<name>.png
-    <run>[/semi | /distance_match | /hp]/metrics.json, match.json (when matched on validation)
-    <run>[/semi | /distance_match | /hp]/test/metrics.json
+    <run>[/<protocol>]/predictions/<split>/<wnid>/<name>.png
+    <run>[/<protocol>]/metrics.json, match.json (when matched on validation)
+    <run>[/<protocol>]/test/metrics.json
+                                      protocol: semi, distance_match, hp, hp_linear (none:
+                                      the fully unsupervised one)
     <run>/hp/clusters.json            HP's cluster order (the border cluster first: 'other')
     <run>/distance_match/bank.pt      the train-semi region bank of distance matching
     <run>/baselines.json, <run>/test/baselines.json       the trivial floors of each split
@@ -51,14 +53,14 @@ SWITCHES = """the paper's ablations as config switches (--set KEY=VALUE; default
 RUN_CONFIG = "config.yaml"
 METRICS_FILE = "metrics.json"
 MATCH_FILE = "match.json"
-PROTOCOLS = ("unsupervised", "semi", "distance_match", "hp")
+PROTOCOLS = ("unsupervised", "semi", "distance_match", "hp", "hp_linear")
 EVAL_SPLITS = ("validation", "test")
-TRAINING_STAGES = ("pretrain", "attention", "finetune", "semi", "hp")
+TRAINING_STAGES = ("pretrain", "attention", "finetune", "semi", "hp", "hp_linear")
 
 # What HP's training reads (hp.match only scores it).
 HP_TRAINING_KEYS = ("backbone", "vit", "epochs", "batch_size", "crop", "scale", "dim", "dropout",
                     "lr", "weight_decay", "probe_lr", "grad_norm", "tau", "base_tau", "rho", "alpha",
-                    "ema_momentum", "pool_size", "lambda_warmup")
+                    "ema_momentum", "pool_size", "renew_interval", "lambda_warmup")
 
 # The steps of a run whose outputs depend on the config, each after the step it starts from,
 # with the config keys (sections or dotted keys) its outputs depend on beyond that step's.
@@ -77,6 +79,7 @@ STEPS = {
     "infer": ("finetune", ("infer",)),
     "semi": ("pretrain", ("semi", "infer.resize")),
     "hp": ("pretrain", tuple(f"hp.{k}" for k in HP_TRAINING_KEYS) + ("infer.resize",)),
+    "hp_linear": ("hp", ("hp_linear",)),
     "distance_match": ("pretrain", ("distance_match.k", "distance_match.temperature",
                                     "distance_match.stride", "distance_match.resize")),
 }
@@ -232,7 +235,7 @@ class RunDir:
         if step in TRAINING_STAGES:
             ck = self.checkpoint(step)
             paths = [ck, ck.with_suffix(".yaml"), self.training_log(step)]
-            return paths + ([self.protocol_dir(step)] if step in ("semi", "hp") else [])
+            return paths + ([self.protocol_dir(step)] if step in ("semi", "hp", "hp_linear") else [])
         return {
             "cluster": [self.cluster_dir],
             "sweep_tau": [self.labels("validation"), self.sweep, self.sweep_plot, self.attention_score],

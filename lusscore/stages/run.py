@@ -74,7 +74,7 @@ def run_unsupervised(ctx: StageContext, timings: StageTimings) -> dict:
 def protocol_runner(protocol: str):
     """run(ctx, split) of a protocol that needs only the pretrained backbone."""
     return {"semi": semi.run_semi, "distance_match": distance_match.run_distance_match,
-            "hp": hp.run_hp}[protocol]
+            "hp": hp.run_hp, "hp_linear": hp.run_hp_linear}[protocol]
 
 
 def run_protocol(ctx: StageContext, protocol: str) -> dict:
