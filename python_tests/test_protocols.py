@@ -277,16 +277,18 @@ def _copy_predictions(root, out, permute=None):
         write_label_png(out / s.name, lut[read_label_png(s.label)])
 
 
-def test_evaluation_without_matching(tmp_path, tiny_root):
+def test_evaluation_without_matching(tmp_path, tiny_root, capsys):
     cfg = tiny_cfg(tiny_root)
     run = tmp_path / "run"
     _copy_predictions(tiny_root, run / "predictions" / "validation")
     unsup = evaluate_predictions(StageContext(cfg, run, CPU))  # the unsupervised writer (Hungarian)
     perfect = run / "semi" / "predictions" / "validation"
     _copy_predictions(tiny_root, perfect)
+    capsys.readouterr()
     result = evaluate_predictions(StageContext(cfg, run, CPU), pred_dir=perfect, out_dir=run / "semi",
                                             match="none")
     assert result["mIoU"] == pytest.approx(100.0) and result["match"] is None
+    assert "validation:" in capsys.readouterr().out  # the table, printed without a match too
     written = json.loads((run / "semi" / "metrics.json").read_text())
     assert set(written) == set(json.loads((run / "metrics.json").read_text()))
     assert written["mIoU"] == pytest.approx(100.0) and unsup["mIoU"] == pytest.approx(100.0)

@@ -393,10 +393,10 @@ def evaluate_predictions(ctx, pred_dir: Path | None = None, out_dir: Path | None
             match_ids = {str(k): int(v) for k, v in result["match"].items()}
             atomic_write_text(out_dir / MATCH_FILE, json.dumps(match_ids, indent=1))
         atomic_write_text(out_dir / METRICS_FILE, json.dumps(json_ready(result), indent=1))
-    if match in ("hungarian", "hungarian-pixel"):
-        result["matching"] = match
         print(f"{split}:")
         print(format_table(result, ["other"] + ds.wnids))
+    if match in ("hungarian", "hungarian-pixel"):
+        result["matching"] = match  # for the summary's match column, not metrics.json
     return result
 
 
