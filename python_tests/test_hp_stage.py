@@ -345,3 +345,15 @@ def test_hp_on_a_vit_backbone(tmp_path, tiny_root):  # noqa: F811
     assert 0 <= result["mIoU"] <= 100 and result["num_images"] == len(
         ImageNetS(tiny_root).segmentation_samples("validation"))
     assert not (run / "pretrain.pt").exists()
+
+
+def test_luss_run_runs_hp_and_its_linear_probe_after_pretrain(tmp_path, tiny_root):  # noqa: F811
+    from lusscore.stages import run as run_stage
+    cfg = tiny_cfg(tiny_root, *HP_TINY, "protocols=[hp, hp_linear]")
+    run = tmp_path / "run"
+    run_stage.run_pipeline(StageContext(cfg, run, CPU))
+    summary = json.loads((run / "protocols.json").read_text())
+    assert list(summary) == ["hp", "hp_linear"]
+    assert summary["hp"]["match"] == "hungarian" and summary["hp_linear"]["match"] == "none"
+    assert not (run / "attention.pt").exists()  # unsupervised not listed
+    assert set(json.loads((run / "fingerprints.json").read_text())) >= {"pretrain", "hp", "hp_linear"}
