@@ -43,9 +43,8 @@ from lusscore.models.hp import HPLinearProbe, HPModel, HPPredictor
 from lusscore.models.pass_models import pretrained_trunk
 from lusscore.models.vit import ViTBackbone
 from lusscore.stages.common import StageContext, add_run_arguments, record_step, start_run
-from lusscore.stages.evaluate import evaluate_protocol
 from lusscore.stages.finetune import SegmentationTrainer, train_segmentation
-from lusscore.stages.infer import predict_split
+from lusscore.stages.infer import predict_and_score
 from lusscore.stages.semi import semi_pairs
 from lusscore.utils import LusscoreError, atomic_write_text, progress_bar
 
@@ -296,25 +295,16 @@ def linear_probe(ctx: StageContext) -> HPLinearProbe:
     return probe.to(ctx.rt.device).eval()
 
 
-def _predict_and_score(ctx: StageContext, protocol: str, model: nn.Module, split: str) -> dict | None:
-    ds = ctx.dataset
-    predict_split(model, ds.prediction_samples(split), ctx.run.predictions(protocol, split), ctx.rt,
-                  resize=ctx.cfg["infer"]["resize"])
-    if not ds.has_labels(split):
-        return None
-    return evaluate_protocol(ctx, protocol, split)
-
-
 def run_hp(ctx: StageContext, split: str = "validation") -> dict | None:
     """Train (or load) HP, predict `split` with its cluster probe; its metrics (matched), or
     None without GT."""
-    return _predict_and_score(ctx, SECTION, hp_predictor(ctx), split)
+    return predict_and_score(ctx, SECTION, hp_predictor(ctx), split)
 
 
 def run_hp_linear(ctx: StageContext, split: str = "validation") -> dict | None:
     """Train (or load) HP and its linear probe, predict `split` with the probe; its metrics
     (class ids: no match), or None without GT."""
-    return _predict_and_score(ctx, LINEAR, linear_probe(ctx), split)
+    return predict_and_score(ctx, LINEAR, linear_probe(ctx), split)
 
 
 def add_arguments(parser):

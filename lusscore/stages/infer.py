@@ -25,7 +25,7 @@ from lusscore.data.label_io import image_size, label_png_valid, write_label_png
 from lusscore.data.segmentation import InferenceImages
 from lusscore.engine import Runtime, autocast
 from lusscore.stages.common import StageContext, add_run_arguments, record_step, start_run
-from lusscore.stages.evaluate import prediction_splits
+from lusscore.stages.evaluate import evaluate_protocol, prediction_splits
 from lusscore.models.pass_models import SegmentationModel, load_segmentation_checkpoint
 from lusscore.utils import LusscoreError, progress_bar, remove_temp_files
 
@@ -88,6 +88,17 @@ def predict_split(model, samples, out_dir: Path, rt: Runtime, resize: int = 256,
 def load_segmentation_model(ctx: StageContext, stage: str = "finetune") -> SegmentationModel:
     """The model of <run>/<stage>.pt (finetune, or semi for the semi-supervised protocol)."""
     return load_segmentation_checkpoint(ctx.cfg, ctx.run.checkpoint(stage)).to(ctx.rt.device)
+
+
+def predict_and_score(ctx: StageContext, protocol: str, model, split: str) -> dict | None:
+    """A backbone-only protocol's split: predicted (at infer.resize) into its folder, then scored
+    as the protocol is (evaluate_protocol); None for a split without GT."""
+    ds = ctx.dataset
+    predict_split(model, ds.prediction_samples(split), ctx.run.predictions(protocol, split), ctx.rt,
+                  resize=ctx.cfg["infer"]["resize"])
+    if not ds.has_labels(split):
+        return None
+    return evaluate_protocol(ctx, protocol, split)
 
 
 def predict_protocol(ctx: StageContext, model, protocol: str = "unsupervised") -> None:

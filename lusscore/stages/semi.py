@@ -16,9 +16,8 @@ from pathlib import Path
 from torch import nn
 
 from lusscore.stages.common import StageContext, add_run_arguments, record_step, start_run
-from lusscore.stages.evaluate import evaluate_protocol
 from lusscore.stages.finetune import build_segmentation_model, train_segmentation
-from lusscore.stages.infer import load_segmentation_model, predict_split
+from lusscore.stages.infer import load_segmentation_model, predict_and_score
 
 SECTION = "semi"
 
@@ -42,12 +41,7 @@ def run_semi(ctx: StageContext, split: str = "validation") -> dict | None:
         model = load_segmentation_model(ctx, stage=SECTION)
     else:
         model = train_semi(ctx).to(ctx.rt.device)
-    ds = ctx.dataset
-    predict_split(model, ds.prediction_samples(split), ctx.run.predictions(SECTION, split), ctx.rt,
-                  resize=ctx.cfg["infer"]["resize"])
-    if not ds.has_labels(split):
-        return None
-    return evaluate_protocol(ctx, SECTION, split)
+    return predict_and_score(ctx, SECTION, model, split)
 
 
 def add_arguments(parser):
