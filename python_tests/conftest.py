@@ -1,5 +1,7 @@
 """Shared fixtures: `device` runs a test on the CPU and, when a GPU is usable, on CUDA; the
-`cuda` marker; LUSSCORE_REQUIRE_CUDA and LUSSCORE_MIN_TESTS (see the hooks below)."""
+`cuda` marker; `crash_after_first_checkpoint`; LUSSCORE_REQUIRE_CUDA and LUSSCORE_MIN_TESTS (see
+the hooks below)."""
+import contextlib
 import os
 
 import pytest
@@ -31,6 +33,25 @@ def fused_ops_around_each_test():
     mode = ops.ops_mode()
     ops.set_ops_mode("fused")
     assert mode == "fused", "a test left the reference mode on"
+
+
+@contextlib.contextmanager
+def crash_after_first_checkpoint(monkeypatch):
+    """Inside the block, a training stage crashes (KeyboardInterrupt) right after its first
+    checkpoint is written: what a killed run leaves behind."""
+    from lusscore.engine import StageCheckpoint
+    original = StageCheckpoint.save
+
+    def save_then_crash(self, state, done=False):
+        original(self, state, done)
+        raise KeyboardInterrupt("simulated crash after an epoch")
+
+    monkeypatch.setattr(StageCheckpoint, "save", save_then_crash)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            yield
+    finally:
+        monkeypatch.setattr(StageCheckpoint, "save", original)
 
 
 requires_cuda = pytest.mark.skipif(not cuda_usable(),

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from lusscore import cli
 from lusscore.config import save_config
 from lusscore.data import ImageNetS, read_label_png
-from lusscore.engine import Runtime, StageCheckpoint
+from lusscore.engine import Runtime
 from lusscore.losses.hp import (RingPool, affinity_mix_weights, attention_mix_weights, flat_pixels,
                                 hp_objective, lambda_at, mix_codes, one_patch_per_image,
                                 pool_thresholds, row_quantile)
@@ -19,6 +19,7 @@ from lusscore.stages import hp
 from lusscore.stages.common import StageContext
 from lusscore.stages.semi import semi_pairs
 
+from python_tests.conftest import crash_after_first_checkpoint
 from test_protocols import fake_pretrain, tiny_cfg, tiny_root  # noqa: F401 (a fixture)
 
 CPU = Runtime(torch.device("cpu"))
@@ -196,17 +197,9 @@ def test_hp_trains_predicts_resumes_and_reports(tmp_path, tiny_root, monkeypatch
         pred = read_label_png(run_a / "hp" / "predictions" / "validation" / sample.name)
         assert pred.shape == read_label_png(sample.label).shape and pred.max() <= 3
 
-    original = StageCheckpoint.save
-
-    def save_then_crash(self, state, done=False):
-        original(self, state, done)
-        raise KeyboardInterrupt("simulated crash after an epoch")
-
-    monkeypatch.setattr(StageCheckpoint, "save", save_then_crash)
     torch.manual_seed(0)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_first_checkpoint(monkeypatch):
         hp.run_hp(StageContext(cfg, run_b, CPU))
-    monkeypatch.setattr(StageCheckpoint, "save", original)
     assert torch.load(run_b / "hp.pt", weights_only=False)["epoch"] == 1
     hp.run_hp(StageContext(cfg, run_b, CPU))
     full = torch.load(run_a / "hp.pt", weights_only=False)

@@ -15,6 +15,7 @@ from lusscore.engine import Runtime, setup_runtime
 from lusscore.metrics import SegEvaluator
 from lusscore.stages import run as run_stage
 from lusscore.stages.common import StageContext
+from python_tests.conftest import crash_after_first_checkpoint
 
 TINY = ["model.width=8", "pretrain.epochs=2", "pretrain.batch_size=8", "pretrain.crops.sizes=[48, 24]",
         "pretrain.queue_length=16", "pretrain.freeze_prototypes_iters=2",
@@ -294,7 +295,6 @@ def test_two_process_gloo_ddp(tiny_root, tmp_path, section):
 @pytest.mark.parametrize("method", ["swav", "pixpro"])
 def test_pretrain_resume_after_crash_matches_uninterrupted(tiny_root, tmp_path, monkeypatch, method):
     """The momentum network of pixpro resumes too (it is in the model's state)."""
-    from lusscore.engine import StageCheckpoint
     from lusscore.stages.pretrain import pretrain
     cfg = apply_overrides(tiny_cfg(tiny_root), [f"pretrain.method={method}"])
     train = ImageNetS(tiny_root).image_samples("train")
@@ -302,17 +302,9 @@ def test_pretrain_resume_after_crash_matches_uninterrupted(tiny_root, tmp_path, 
     torch.manual_seed(1)
     full = pretrain(StageContext(cfg, tmp_path / "a", rt), train).state_dict()
 
-    original = StageCheckpoint.save
-
-    def save_then_crash(self, state, done=False):
-        original(self, state, done)
-        raise KeyboardInterrupt("simulated crash after an epoch")
-
-    monkeypatch.setattr(StageCheckpoint, "save", save_then_crash)
     torch.manual_seed(1)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_first_checkpoint(monkeypatch):
         pretrain(StageContext(cfg, tmp_path / "b", rt), train)
-    monkeypatch.setattr(StageCheckpoint, "save", original)
     state = torch.load(tmp_path / "b" / "pretrain.pt", weights_only=True)
     assert state["epoch"] == 1 and state["queue"] is not None
     torch.manual_seed(123)  # the checkpoint's RNG state must win over the caller's

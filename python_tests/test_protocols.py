@@ -18,7 +18,7 @@ from lusscore.config import apply_overrides, load_config, save_config
 from lusscore.data import ImageNetS, SegmentationSample, read_label_png, write_label_png
 from lusscore.data.synthetic import SynthConfig, generate_dataset
 from lusscore.data.views import IMAGENET_MEAN, IMAGENET_STD
-from lusscore.engine import Runtime, StageCheckpoint, setup_runtime
+from lusscore.engine import Runtime, setup_runtime
 from lusscore.models.backbone import resnet_backbone
 from lusscore.stages import distance_match as dm
 from lusscore.stages import run as run_stage
@@ -26,6 +26,7 @@ from lusscore.stages.common import StageContext
 from lusscore.stages.evaluate import evaluate_predictions
 from lusscore.stages import semi
 from lusscore.utils import LusscoreError
+from python_tests.conftest import crash_after_first_checkpoint
 
 CPU = Runtime(torch.device("cpu"))
 TINY = ["model.width=8", "pretrain.epochs=1", "pretrain.batch_size=8", "pretrain.crops.sizes=[48, 24]",
@@ -246,16 +247,8 @@ def test_semi_loss_decreases_and_resume_matches_uninterrupted(tmp_path, tiny_roo
     assert {r["stage"] for r in log} == {"semi"} and {"loss", "lr", "img_s"} <= set(log[0])
     assert sorted({r["epoch"] for r in log}) == list(range(6))
 
-    original = StageCheckpoint.save
-
-    def save_then_crash(self, state, done=False):
-        original(self, state, done)
-        raise KeyboardInterrupt("simulated crash after an epoch")
-
-    monkeypatch.setattr(StageCheckpoint, "save", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_first_checkpoint(monkeypatch):
         _train_semi(cfg, run_b)
-    monkeypatch.setattr(StageCheckpoint, "save", original)
     assert torch.load(run_b / "semi.pt", weights_only=False)["epoch"] == 1
     resumed = _train_semi(cfg, run_b).state_dict()
     for k in full:

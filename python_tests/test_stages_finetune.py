@@ -7,10 +7,11 @@ import torch
 from lusscore.config import apply_overrides, load_config
 from lusscore.data import ImageNetS, read_label_png
 from lusscore.data.synthetic import SynthConfig, generate_dataset
-from lusscore.engine import Runtime, StageCheckpoint
+from lusscore.engine import Runtime
 from lusscore.stages import finetune as ft
 from lusscore.stages import infer
 from lusscore.stages.common import StageContext
+from python_tests.conftest import crash_after_first_checkpoint
 
 TINY = ["model.width=8", "finetune.batch_size=8", "finetune.crop=32", "finetune.label_size=16",
         "finetune.epochs=2", "finetune.init=none", "infer.resize=32"]
@@ -47,16 +48,8 @@ def test_resume_after_crash_matches_uninterrupted_run(tmp_path, tiny_data, monke
     full = train(cfg, run_a).state_dict()
 
     cfg, run_b = tiny_run(tmp_path / "b", tiny_data)
-    original_save = StageCheckpoint.save
-
-    def save_then_crash(self, state, done=False):
-        original_save(self, state, done)
-        raise KeyboardInterrupt("simulated crash after an epoch")
-
-    monkeypatch.setattr(StageCheckpoint, "save", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_after_first_checkpoint(monkeypatch):
         train(cfg, run_b)
-    monkeypatch.setattr(StageCheckpoint, "save", original_save)
     assert torch.load(run_b / "finetune.pt", weights_only=False)["epoch"] == 1
     resumed = train(cfg, run_b).state_dict()
     for k in full:
