@@ -12,7 +12,8 @@ assignment (chunked matmul + argmax) and the GEMM bound: the same-size product a
 torch.mm over row chunks (the fastest of a few chunk sizes). Then 20-iteration fits of the 58M
 set on the GPU (fp32, bf16) and from host memory (bf16, 2 iterations).
 On CPU (--device cpu, or after the CUDA cases): N=100,000 D=128 K=919 against faiss-cpu on 1
-and 2 threads, interleaved repeats in one process, medians.
+and 2 threads, interleaved repeats in one process, medians; once per CPU micro-kernel this CPU
+has (generic, avx2, avx512: LUSSCORE_KMEANS_CPU_KERNEL forces each), the kernel named per row.
 """
 from __future__ import annotations
 
@@ -29,6 +30,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # this checkout's lusscore, and
 from common import parser, time_fn, write_results  # noqa: E402
 
 import lusscore.ops as ops  # noqa: E402
+from lusscore._build import load_extension  # noqa: E402
 from lusscore.cluster import KMeans  # noqa: E402
 from lusscore.reference.kmeans import torch_baseline_step  # noqa: E402
 
@@ -144,9 +146,33 @@ def case(results, name, x, c, device, repeat, with_compile=True):
     results.append(row)
 
 
-def cpu_vs_faiss(results, n, d, k, threads, repeat):
-    """CPU assignment and one Lloyd step against faiss-cpu on the same number of threads:
-    the implementations alternate within each repeat (the machine may be shared), medians."""
+def cpu_kernels() -> list[str]:
+    """The CPU micro-kernels kmeans_assign can run here, narrowest first."""
+    kernels = []
+    for name in ("generic", "avx2", "avx512"):
+        os.environ["LUSSCORE_KMEANS_CPU_KERNEL"] = name
+        try:
+            kernels.append(load_extension().kmeans_cpu_kernel())
+        except RuntimeError:  # this CPU lacks it
+            pass
+        finally:
+            os.environ.pop("LUSSCORE_KMEANS_CPU_KERNEL")
+    return kernels
+
+
+def cpu_vs_faiss(results, n, d, k, threads, repeat, kernels):
+    """CPU assignment and one Lloyd step against faiss-cpu on the same number of threads, for
+    each micro-kernel in `kernels`: the implementations alternate within each repeat (the
+    machine may be shared), medians."""
+    for kernel in kernels:
+        os.environ["LUSSCORE_KMEANS_CPU_KERNEL"] = kernel
+        try:
+            cpu_vs_faiss_one_kernel(results, n, d, k, threads, repeat, kernel)
+        finally:
+            os.environ.pop("LUSSCORE_KMEANS_CPU_KERNEL")
+
+
+def cpu_vs_faiss_one_kernel(results, n, d, k, threads, repeat, kernel):
     x, c = make_data(n, d, k, torch.float32, torch.device("cpu"))
     xn, cn = x.numpy(), c.numpy()
 
@@ -176,10 +202,10 @@ def cpu_vs_faiss(results, n, d, k, threads, repeat):
                 t0 = time.perf_counter()
                 fn()
                 times[name].append(time.perf_counter() - t0)
-        row = {"case": f"cpu N={n} D={d} K={k} float32, {t} thread(s)", "n": n, "d": d, "k": k,
-               "threads": t, "repeats": repeat}
+        row = {"case": f"cpu N={n} D={d} K={k} float32, {t} thread(s), {kernel} kernel", "n": n, "d": d,
+               "k": k, "threads": t, "kernel": kernel, "repeats": repeat}
         row.update({name: statistics.median(v) for name, v in times.items()})
-        line = f"{row['case']:44s} ours assign {row['ours_assign_s'] * 1e3:8.1f} ms, step {row['ours_step_s'] * 1e3:8.1f} ms"
+        line = f"{row['case']:58s} ours assign {row['ours_assign_s'] * 1e3:8.1f} ms, step {row['ours_step_s'] * 1e3:8.1f} ms"
         if faiss is not None:
             row["assign_ratio_ours_over_faiss"] = row["ours_assign_s"] / row["faiss_assign_s"]
             row["step_ratio_ours_over_faiss_iter"] = row["ours_step_s"] / row["faiss_iter_s"]
@@ -208,6 +234,9 @@ def main():
     p.add_argument("--skip-fit", action="store_true", help="no full k-means runs")
     p.add_argument("--no-cpu", action="store_true", help="with --device cuda: skip the CPU case")
     p.add_argument("--cpu-repeat", type=int, default=7, help="interleaved repeats of the CPU case")
+    p.add_argument("--cpu-kernels", choices=("all", "default"), default="all",
+                   help="the CPU case for every micro-kernel this CPU has (all), or only the one "
+                        "kmeans_assign picks by default")
     args = p.parse_args()
     device = torch.device(args.device)
     results = []
@@ -258,7 +287,13 @@ def main():
             del host
     if device.type == "cpu" or not args.no_cpu:  # the CPU kernels against faiss-cpu
         n, d, k = (20000, 32, 50) if args.quick else (100_000, 128, 919)
-        cpu_vs_faiss(results, n, d, k, threads=(1, 2), repeat=3 if args.quick else args.cpu_repeat)
+        kernels = cpu_kernels()
+        print(f"CPU micro-kernels: {', '.join(kernels)} (default: {load_extension().kmeans_cpu_kernel()})",
+              flush=True)
+        if args.cpu_kernels == "default":
+            kernels = [load_extension().kmeans_cpu_kernel()]
+        cpu_vs_faiss(results, n, d, k, threads=(1, 2), repeat=3 if args.quick else args.cpu_repeat,
+                     kernels=kernels)
         if device.type == "cpu" and not args.skip_fit:
             x, _ = make_data(n, d, k, torch.float32, device)
             fit_case(results, f"fit N={n} D={d} K={k} float32 cpu", x, k, device, None,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import sys
@@ -16,11 +17,23 @@ from pathlib import Path
 import torch
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_tag(device: str | torch.device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return (f"cpu ({cpu_model()}, {torch.backends.cpu.get_cpu_capability()}, "
+            f"{os.cpu_count()} cores, {torch.get_num_threads()} threads)")
 
 
 def time_fn(fn, device="cpu", warmup: int = 3, repeat: int = 20, min_time: float = 0.2) -> dict:

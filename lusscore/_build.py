@@ -30,4 +30,5 @@ def build_info() -> dict:
         "cuda_archs": archs,
         "gpu_available": gpu,
         "gpu_name": torch.cuda.get_device_name() if gpu else None,
+        "kmeans_cpu_kernel": _C.kmeans_cpu_kernel(),
     }

@@ -309,34 +309,44 @@ def test_fused_cuda_is_the_default_for_large_n(monkeypatch):
     assert torch.equal(lg.cpu(), lc) and torch.equal(vg.cpu(), vc)
 
 
-_KERNEL_CHECK = """
-import torch, lusscore.ops as ops
-from lusscore.reference import kmeans as ref
-from samples import kmeans_points
-for n, d, k in ((701, 37, 45), (50, 1, 3), (13, 128, 919)):
-    for dtype in (torch.float32, torch.bfloat16):
-        x, c = kmeans_points(n, d, dtype=dtype, seed=n), kmeans_points(k, d, seed=k)
-        for metric in ("l2", "ip"):
-            labels, values = ops.kmeans_assign(x, c, metric)
-            rl, rv = ref.kmeans_assign(x, c, metric)
-            assert torch.equal(labels, rl), (n, d, k, dtype, metric)
-            assert torch.allclose(values.double(), rv, rtol=1e-5, atol=1e-4)
-print("ok")
-"""
+CPU_KERNELS = ("generic", "avx2", "avx512")  # narrowest first
 
 
-@pytest.mark.parametrize("kernel", ["avx2", "generic"])
-def test_assign_cpu_micro_kernel_variants(kernel):
-    """The narrower CPU micro-kernels (chosen once per process from the CPU's features; capped
-    here through LUSSCORE_KMEANS_CPU_KERNEL in a fresh interpreter) give the same labels."""
-    import subprocess
-    import sys
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, LUSSCORE_KMEANS_CPU_KERNEL=kernel,
-               PYTHONPATH=os.pathsep.join([os.path.dirname(here), here, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+@pytest.mark.parametrize("kernel", CPU_KERNELS)
+def test_assign_cpu_micro_kernels(monkeypatch, kernel):
+    """Each CPU micro-kernel (LUSSCORE_KMEANS_CPU_KERNEL forces one; it is read at every call)
+    gives the reference's labels and values, exact ties and all-equal centroids included; one
+    this CPU lacks is an error naming it."""
+    from lusscore._build import load_extension
+    kernel_now = load_extension().kmeans_cpu_kernel
+    monkeypatch.delenv("LUSSCORE_KMEANS_CPU_KERNEL", raising=False)
+    widest = kernel_now()
+    monkeypatch.setenv("LUSSCORE_KMEANS_CPU_KERNEL", kernel)
+    if CPU_KERNELS.index(kernel) > CPU_KERNELS.index(widest):
+        with pytest.raises(RuntimeError, match=f"LUSSCORE_KMEANS_CPU_KERNEL={kernel}"):
+            ops.kmeans_assign(kmeans_points(8, 4), kmeans_points(3, 4, seed=1))
+        return
+    assert kernel_now() == kernel
+    base = kmeans_points(40, 128, seed=9)
+    cases = [(kmeans_points(701, 37, seed=1), kmeans_points(45, 37, seed=2)),
+             (kmeans_points(50, 1, seed=3), kmeans_points(3, 1, seed=4)),
+             (kmeans_points(1013, 128, seed=5), kmeans_points(919, 128, seed=6)),
+             # each centroid three times, and rows exactly on them: ties across panels
+             (torch.cat([kmeans_points(300, 128, seed=7), base]), torch.cat([base, base, base])),
+             (kmeans_points(30, 20, seed=8), torch.ones(77, 20))]  # every centroid a candidate
+    for x, c in cases:
+        for dtype in (torch.float32, torch.bfloat16):
+            for metric in ("l2", "ip"):
+                labels, values = ops.kmeans_assign(x.to(dtype), c, metric)
+                rl, rv = ref.kmeans_assign(x.to(dtype), c, metric)
+                assert torch.equal(labels, rl), (x.shape, c.shape, dtype, metric)
+                assert torch.allclose(values.double(), rv, rtol=1e-5, atol=1e-4)
+
+
+def test_cpu_kernel_choice_errors(monkeypatch):
+    monkeypatch.setenv("LUSSCORE_KMEANS_CPU_KERNEL", "sse9")
+    with pytest.raises(RuntimeError, match="must be avx512, avx2 or generic, got 'sse9'"):
+        ops.kmeans_assign(kmeans_points(8, 4), kmeans_points(3, 4, seed=1))
 
 
 def test_assign_large_d_blas_path():
@@ -838,6 +848,10 @@ def test_non_finite_rows_and_centroids_are_errors_naming_the_row(device):
     c[3, 0] = float("nan")
     with pytest.raises(LusscoreError, match="centroids: row 3 holds NaN"):
         ops.kmeans_assign(x, c, "l2")
-    x[7, 5] = float("inf")
-    with pytest.raises(LusscoreError, match="x: row 7 holds NaN or infinite"):
-        ops.kmeans_assign(x, c[:3], "ip")
+    # x is scanned only when a value is not finite: every such row makes one so.
+    for bad in (float("inf"), float("-inf"), float("nan")):
+        x[7, 5] = bad
+        for metric in ("l2", "ip"):
+            with pytest.raises(LusscoreError, match="x: row 7 holds NaN or infinite"):
+                ops.kmeans_assign(x, c[:3], metric)
+            assert not torch.isfinite(ops.kmeans_assign(x, c[:3], metric, check_finite=False)[1][7])

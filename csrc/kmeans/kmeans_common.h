@@ -60,4 +60,8 @@ inline void update_check(const at::Tensor& x, const at::Tensor& labels, int64_t 
 }
 
 }  // namespace kmeans
+
+// The CPU micro-kernel kmeans_assign would run now (kmeans_cpu.cpp): avx512, avx2 or generic.
+std::string kmeans_cpu_kernel();
+
 }  // namespace lusscore

@@ -70,7 +70,6 @@ void assign_tiles(const at::Tensor& x, const at::Tensor& centroids, Metric metri
       scalar_t* dp = dots.data_ptr<scalar_t>();
       const scalar_t* cn = cnorm + k0;
       at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
-        double partial[kmeans::kCanonicalLanes];
         constexpr int kMinLanes = 8;  // independent running minima: vectorisable, no reduction chain
         for (int64_t i = begin; i < end; ++i) {
           scalar_t* row = dp + i * cols;
@@ -97,10 +96,7 @@ void assign_tiles(const at::Tensor& x, const at::Tensor& centroids, Metric metri
           // Pass 2: re-score the near-best candidates exactly; lowest index wins exact ties.
           for (int64_t jj = 0; jj < cols; ++jj) {
             if (!(double(row[jj]) <= threshold)) continue;
-            for (int l = 0; l < kmeans::kCanonicalLanes; ++l) {
-              partial[l] = kmeans::canonical_partial(metric, xp + i * d, cp + (k0 + jj) * d, d, l);
-            }
-            const double exact = kmeans::canonical_score_host(metric, partial);
+            const double exact = kmeans::canonical_score_host(metric, xp + i * d, cp + (k0 + jj) * d, d);
             if (kmeans::assign_better<double>(exact, k0 + jj, best[i], best_index[i])) {
               best[i] = exact;
               best_index[i] = k0 + jj;
@@ -116,14 +112,17 @@ void assign_tiles(const at::Tensor& x, const at::Tensor& centroids, Metric metri
   }
 }
 
-// ---- Fused float path: a register-blocked GEMM micro-kernel writes the scores of a few rows
-// against all centroids into a small per-thread buffer (L1/L2-resident), tracking each row's
-// minimum on the way; then the candidates within the margin are re-scored exactly. It replaces
-// BLAS for float because the BLAS torch ships may run a generic path on some CPUs (MKL on AMD
-// ran at half of OpenBLAS's speed here) and because the epilogue then costs no extra pass.
+// ---- Fused float path. The rows go in blocks of a few dozen. For each panel of NR packed
+// centroids (L1-resident while the block's rows pass over it) a register-blocked micro-kernel
+// computes an MR x NR tile of fast scores over all of D; the tile goes to a block-sized score
+// buffer (L2-resident) while each row's minimum is kept lane-wise. Then the columns within a
+// row's margin of its minimum are re-scored exactly. It replaces BLAS for float because the BLAS
+// torch ships may run a generic path on some CPUs (MKL on AMD ran at half of OpenBLAS's speed)
+// and because the arg-min then costs no pass over a GEMM's output in memory.
 
-constexpr int kPanel = 32;           // centroids per packed panel
-constexpr int64_t kFusedMaxD = 1024;  // beyond this the packed centroids leave L2: BLAS path
+constexpr int64_t kFusedMaxD = 1024;         // beyond this a panel leaves L2: BLAS path
+constexpr int64_t kBlockBytes = 32 * 1024;   // a block's rows of x
+constexpr int64_t kScoreBytes = 256 * 1024;  // at most this much of a block's scores
 
 #if defined(__GNUC__) && !defined(__clang__)
 #define LUSSCORE_INLINE inline __attribute__((always_inline))
@@ -134,180 +133,258 @@ constexpr int64_t kFusedMaxD = 1024;  // beyond this the packed centroids leave 
 typedef float float16v __attribute__((vector_size(64)));
 typedef float float8v __attribute__((vector_size(32)));
 typedef float float4v __attribute__((vector_size(16)));
+typedef int32_t int16v __attribute__((vector_size(64)));
+typedef int32_t int8v __attribute__((vector_size(32)));
+typedef int32_t int4v __attribute__((vector_size(16)));
 template <int W> struct FloatVec;
-template <> struct FloatVec<16> { using type = float16v; };
-template <> struct FloatVec<8> { using type = float8v; };
-template <> struct FloatVec<4> { using type = float4v; };
+template <> struct FloatVec<16> { using type = float16v; using mask = int16v; };
+template <> struct FloatVec<8> { using type = float8v; using mask = int8v; };
+template <> struct FloatVec<4> { using type = float4v; using mask = int4v; };
+constexpr int kMaxLanes = 16;
 
-// Scores of MR rows of x (row stride d) against every packed panel: out[r][j] =
-// bias[j] - scale * x_r.c_j, and row_min[r] = min_j out[r][j]. W floats per vector.
-template <int MR, int W, bool kBroadcastFirst>
-LUSSCORE_INLINE void score_rows_body(const float* x, int64_t d, const float* packed,
-                                     const float* bias, float scale, int64_t panels, float* out,
-                                     float* row_min) {
-  using vec = typename FloatVec<W>::type;
-  constexpr int NV = kPanel / W;
-  const int64_t ld = panels * kPanel;
-  vec mins[MR];
-  for (int r = 0; r < MR; ++r)
-    for (int l = 0; l < W; ++l) mins[r][l] = std::numeric_limits<float>::infinity();
-  for (int64_t p = 0; p < panels; ++p) {
-    vec acc[MR][NV];
-    for (int r = 0; r < MR; ++r)
-      for (int v = 0; v < NV; ++v) acc[r][v] = vec{};
-    const float* bp = packed + p * d * kPanel;
-    for (int64_t j = 0; j < d; ++j) {
-      if constexpr (kBroadcastFirst) {  // MR broadcasts + 1 vector of centroids live
-        vec a[MR];
-        for (int r = 0; r < MR; ++r) a[r] = x[r * d + j] - vec{};  // a broadcast (x - 0 is x)
-        for (int v = 0; v < NV; ++v) {
-          vec b;
-          std::memcpy(&b, bp + j * kPanel + v * W, sizeof(vec));
-          for (int r = 0; r < MR; ++r) acc[r][v] += a[r] * b;
-        }
-      } else {  // NV vectors of centroids + 1 broadcast live
-        vec b[NV];
-        for (int v = 0; v < NV; ++v) std::memcpy(&b[v], bp + j * kPanel + v * W, sizeof(vec));
-        for (int r = 0; r < MR; ++r) {
-          const vec a = x[r * d + j] - vec{};
-          for (int v = 0; v < NV; ++v) acc[r][v] += a * b[v];
-        }
-      }
-    }
-    for (int v = 0; v < NV; ++v) {
-      vec bv;
-      std::memcpy(&bv, bias + p * kPanel + v * W, sizeof(vec));
-      for (int r = 0; r < MR; ++r) {
-        const vec s = bv - scale * acc[r][v];
-        std::memcpy(out + r * ld + p * kPanel + v * W, &s, sizeof(vec));
-        mins[r] = s < mins[r] ? s : mins[r];
-      }
-    }
-  }
-  for (int r = 0; r < MR; ++r) {
-    float m = mins[r][0];
-    for (int l = 1; l < W; ++l) m = mins[r][l] < m ? mins[r][l] : m;
-    row_min[r] = m;
+// The centroids as the micro-kernel reads them, and what each row's margin needs.
+struct PackedCentroids {
+  const float* panels;  // panel p: centroids p NR .. p NR + NR - 1 as (D, NR)
+  const float* bias;    // per column: ||c||^2 (L2) or 0 (IP); +inf past K
+  float scale;          // score = bias - scale x.c
+  int64_t count, k, d;  // panels, centroids, dimension
+  double cmax;          // largest centroid norm
+};
+
+// A row's search: its margin, fast minimum and candidates (fast score, centroid).
+struct RowSearch {
+  double margin;
+  double best_fast;
+  std::vector<std::pair<float, int64_t>> near;
+};
+
+// Per-task buffers of one block.
+struct BlockScratch {
+  std::vector<float> scores, lane_min;
+  std::vector<RowSearch> rows;
+};
+
+// The smallest float >= v (NaN stays NaN): a float test that never drops a double candidate.
+float round_up_to_float(double v) {
+  float f = static_cast<float>(v);
+  if (static_cast<double>(f) < v) f = std::nextafter(f, std::numeric_limits<float>::infinity());
+  return f;
+}
+
+// Is any lane of a compare mask set? Wide masks are folded in halves first (one extract and
+// one OR each): cheaper than reading every lane.
+template <typename mask>
+LUSSCORE_INLINE bool any_lane(const mask& m) {
+  if constexpr (sizeof(mask) > sizeof(int4v)) {
+    using half = typename FloatVec<sizeof(mask) / 8>::mask;
+    half lo, hi;
+    std::memcpy(&lo, &m, sizeof(half));
+    std::memcpy(&hi, reinterpret_cast<const char*>(&m) + sizeof(half), sizeof(half));
+    return any_lane(lo | hi);
+  } else {
+    return (m[0] | m[1] | m[2] | m[3]) != 0;
   }
 }
 
-using ScoreRowsFn = void (*)(const float*, int64_t, const float*, const float*, float, int64_t,
-                             float*, float*);
+// sum_j x_j^2 in double (the margin's bound holds whatever its last-bit rounding), over 8
+// independent lanes: no one long chain of dependent adds.
+LUSSCORE_INLINE double squared_norm(const float* x, int64_t d) {
+  double lane[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    for (int l = 0; l < 8; ++l) lane[l] += double(x[j + l]) * double(x[j + l]);
+  }
+  for (; j < d; ++j) lane[0] += double(x[j]) * double(x[j]);
+  return ((lane[0] + lane[4]) + (lane[1] + lane[5])) + ((lane[2] + lane[6]) + (lane[3] + lane[7]));
+}
+
+// One block of `rows` rows of x (row-major, a multiple of MR) against every panel: rows[r]
+// gets its margin, fast minimum and the columns within its margin of that minimum.
+template <int MR, int W>
+LUSSCORE_INLINE void search_block_body(const PackedCentroids& c, const float* x, int64_t rows,
+                                       BlockScratch& scratch) {
+  using vec = typename FloatVec<W>::type;
+  constexpr int NR = 2 * W;
+  const int64_t d = c.d, ld = c.count * NR;
+  constexpr double u_acc = 0x1p-24;  // one fp32 FMA chain per dot product (inputs exact)
+  for (int64_t r = 0; r < rows; ++r) {
+    const double sq = squared_norm(x + r * d, d);
+    scratch.rows[r].margin = kmeans::refine_margin(std::sqrt(sq), c.cmax, d, 0.0, u_acc);
+    scratch.rows[r].near.clear();
+  }
+  float* scores = scratch.scores.data();
+  float* lane_min = scratch.lane_min.data();
+  std::fill(lane_min, lane_min + rows * W, std::numeric_limits<float>::infinity());
+  for (int64_t p = 0; p < c.count; ++p) {
+    const float* bp = c.panels + p * d * NR;
+    vec bias0, bias1;
+    std::memcpy(&bias0, c.bias + p * NR, sizeof(vec));
+    std::memcpy(&bias1, c.bias + p * NR + W, sizeof(vec));
+    for (int64_t r0 = 0; r0 < rows; r0 += MR) {
+      const float* xa = x + r0 * d;
+      vec acc0[MR], acc1[MR];
+      for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = vec{};
+#pragma GCC unroll 4
+      for (int64_t j = 0; j < d; ++j) {  // 2 centroid vectors + 1 broadcast live
+        vec b0, b1;
+        std::memcpy(&b0, bp + j * NR, sizeof(vec));
+        std::memcpy(&b1, bp + j * NR + W, sizeof(vec));
+        for (int r = 0; r < MR; ++r) {
+          const vec a = xa[r * d + j] - vec{};  // a broadcast (x - 0 is x)
+          acc0[r] += a * b0;
+          acc1[r] += a * b1;
+        }
+      }
+      for (int r = 0; r < MR; ++r) {
+        const vec s0 = bias0 - c.scale * acc0[r], s1 = bias1 - c.scale * acc1[r];
+        float* out = scores + (r0 + r) * ld + p * NR;
+        std::memcpy(out, &s0, sizeof(vec));
+        std::memcpy(out + W, &s1, sizeof(vec));
+        vec m;  // a NaN score never becomes the minimum
+        std::memcpy(&m, lane_min + (r0 + r) * W, sizeof(vec));
+        m = s0 < m ? s0 : m;
+        m = s1 < m ? s1 : m;
+        std::memcpy(lane_min + (r0 + r) * W, &m, sizeof(vec));
+      }
+    }
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    RowSearch& row = scratch.rows[r];
+    float best = lane_min[r * W];
+    for (int l = 1; l < W; ++l) best = std::min(best, lane_min[r * W + l]);
+    row.best_fast = best;
+    const double threshold = row.best_fast + row.margin;
+    const vec t = round_up_to_float(threshold) - vec{};
+    const float* srow = scores + r * ld;
+    for (int64_t p = 0; p < c.count; ++p) {
+      vec s0, s1;
+      std::memcpy(&s0, srow + p * NR, sizeof(vec));
+      std::memcpy(&s1, srow + p * NR + W, sizeof(vec));
+      if (!any_lane((s0 <= t) | (s1 <= t))) continue;  // the common case: nothing near
+      for (int64_t j = p * NR; j < std::min(c.k, (p + 1) * NR); ++j) {
+        if (double(srow[j]) <= threshold) row.near.emplace_back(srow[j], j);
+      }
+    }
+  }
+}
+
+using SearchBlockFn = void (*)(const PackedCentroids&, const float*, int64_t, BlockScratch&);
+
+struct MicroKernel {
+  SearchBlockFn search_block;
+  int rows;     // MR: rows per tile
+  int columns;  // NR: centroids per packed panel
+  const char* name;
+};
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-constexpr int kRowsAvx512 = 12;  // 12 rows x 2 zmm accumulators
-constexpr int kRowsAvx2 = 3;     // 3 rows x 4 ymm accumulators (16 registers)
-__attribute__((target("arch=x86-64-v4"))) void score_rows_avx512(
-    const float* x, int64_t d, const float* packed, const float* bias, float scale, int64_t panels,
-    float* out, float* row_min) {
-  score_rows_body<kRowsAvx512, 16, false>(x, d, packed, bias, scale, panels, out, row_min);
+// AVX-512: 12 rows x 2 zmm = 24 accumulators of 32 registers.
+__attribute__((target("arch=x86-64-v4"))) void search_block_avx512(
+    const PackedCentroids& c, const float* x, int64_t rows, BlockScratch& scratch) {
+  search_block_body<12, 16>(c, x, rows, scratch);
 }
-__attribute__((target("arch=x86-64-v3"))) void score_rows_avx2(
-    const float* x, int64_t d, const float* packed, const float* bias, float scale, int64_t panels,
-    float* out, float* row_min) {
-  score_rows_body<kRowsAvx2, 8, true>(x, d, packed, bias, scale, panels, out, row_min);
+// AVX2 + FMA: 6 rows x 2 ymm = 12 accumulators + 2 centroid vectors + 1 broadcast of 16.
+__attribute__((target("arch=x86-64-v3"))) void search_block_avx2(
+    const PackedCentroids& c, const float* x, int64_t rows, BlockScratch& scratch) {
+  search_block_body<6, 8>(c, x, rows, scratch);
 }
 #endif
-constexpr int kRowsGeneric = 4;
-void score_rows_generic(const float* x, int64_t d, const float* packed, const float* bias,
-                        float scale, int64_t panels, float* out, float* row_min) {
-  score_rows_body<kRowsGeneric, 4, false>(x, d, packed, bias, scale, panels, out, row_min);
+void search_block_generic(const PackedCentroids& c, const float* x, int64_t rows,
+                          BlockScratch& scratch) {
+  search_block_body<4, 4>(c, x, rows, scratch);
 }
 
-// The widest micro-kernel this CPU runs, and its rows per call. LUSSCORE_KMEANS_CPU_KERNEL=
-// avx2|generic caps the choice (read once per process; the tests run every variant).
-std::pair<ScoreRowsFn, int> pick_score_rows() {
+// The widest micro-kernel this CPU runs, or the one LUSSCORE_KMEANS_CPU_KERNEL=avx512|avx2|
+// generic names (read at each call: the tests and the benchmark measure every kernel the CPU
+// has in one process).
+MicroKernel pick_micro_kernel() {
   const char* env = std::getenv("LUSSCORE_KMEANS_CPU_KERNEL");
-  const std::string cap = env == nullptr ? "" : env;
+  const std::string wanted = env == nullptr ? "" : env;
+  TORCH_CHECK(wanted.empty() || wanted == "avx512" || wanted == "avx2" || wanted == "generic",
+              "LUSSCORE_KMEANS_CPU_KERNEL must be avx512, avx2 or generic, got '", wanted, "'");
+  const MicroKernel generic{&search_block_generic, 4, 8, "generic"};
+  if (wanted == "generic") return generic;
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
   __builtin_cpu_init();
-  if (cap != "avx2" && cap != "generic" && __builtin_cpu_supports("avx512f") &&
-      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl")) {
-    return {&score_rows_avx512, kRowsAvx512};
-  }
-  if (cap != "generic" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    return {&score_rows_avx2, kRowsAvx2};
-  }
+  const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  TORCH_CHECK(wanted != "avx512" || has_avx512,
+              "LUSSCORE_KMEANS_CPU_KERNEL=avx512, but this CPU has no AVX-512");
+  TORCH_CHECK(wanted != "avx2" || has_avx2,
+              "LUSSCORE_KMEANS_CPU_KERNEL=avx2, but this CPU has no AVX2 with FMA");
+  if (has_avx512 && wanted != "avx2") return {&search_block_avx512, 12, 32, "avx512"};
+  if (has_avx2) return {&search_block_avx2, 6, 16, "avx2"};
+#else
+  TORCH_CHECK(wanted.empty(), "LUSSCORE_KMEANS_CPU_KERNEL=", wanted,
+              ": this build has only the generic micro-kernel");
 #endif
-  return {&score_rows_generic, kRowsGeneric};
+  return generic;
 }
 
 // x: float32 / bf16 / fp16 rows (widened exactly to float per block of rows).
 void assign_fused_float(const at::Tensor& x_in, const at::Tensor& centroids, Metric metric,
                         at::Tensor& labels, at::Tensor& values) {
   const int64_t n = x_in.size(0), k = centroids.size(0), d = x_in.size(1);
-  static const std::pair<ScoreRowsFn, int> picked = pick_score_rows();
-  const ScoreRowsFn score_rows = picked.first;
-  const int mr = picked.second;
+  const MicroKernel kernel = pick_micro_kernel();
+  const int64_t mr = kernel.rows, nr = kernel.columns;
   const at::Tensor c = centroids.to(at::kFloat).contiguous();
   const float* cp = c.data_ptr<float>();
   const at::Tensor cnorm_t = c.square().sum(1);
   const float* cnorm = cnorm_t.data_ptr<float>();
-  const double cmax = std::sqrt(c.to(at::kDouble).square().sum(1).max().item<double>());
-  const int64_t panels = (k + kPanel - 1) / kPanel, ld = panels * kPanel;
-  // Panel p holds centroids 32p .. 32p + 31 as (D, 32); zero past K, where the bias is +inf
-  // so those columns never win nor become candidates.
+  const int64_t panels = (k + nr - 1) / nr, ld = panels * nr;
+  // Zero past K, where the bias is +inf, so those columns never become candidates.
   std::vector<float> packed(static_cast<size_t>(ld * d), 0.f), bias(static_cast<size_t>(ld));
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
-      for (int64_t jj = 0; jj < kPanel && p * kPanel + jj < k; ++jj) {
-        const float* src = cp + (p * kPanel + jj) * d;
-        float* dst = packed.data() + p * d * kPanel + jj;
-        for (int64_t j = 0; j < d; ++j) dst[j * kPanel] = src[j];
+      for (int64_t jj = 0; jj < nr && p * nr + jj < k; ++jj) {
+        const float* src = cp + (p * nr + jj) * d;
+        float* dst = packed.data() + p * d * nr + jj;
+        for (int64_t j = 0; j < d; ++j) dst[j * nr] = src[j];
       }
     }
   });
   for (int64_t j = 0; j < ld; ++j) {
     bias[j] = j >= k ? std::numeric_limits<float>::infinity() : (metric == Metric::L2 ? cnorm[j] : 0.f);
   }
-  const float scale = metric == Metric::L2 ? 2.f : 1.f;
-  // One fp32 FMA chain per dot product (inputs exact) and fp32 norms and scores.
-  constexpr double u_acc = 0x1p-24;
+  const PackedCentroids packed_c{packed.data(), bias.data(), metric == Metric::L2 ? 2.f : 1.f,
+                                 panels, k, d,
+                                 std::sqrt(c.to(at::kDouble).square().sum(1).max().item<double>())};
   const bool direct = x_in.scalar_type() == at::kFloat && x_in.is_contiguous();
   const at::Tensor x = x_in.contiguous();
-  const float* xf = direct ? x.data_ptr<float>() : nullptr;
   int64_t* label_out = labels.data_ptr<int64_t>();
   float* value_out = values.data_ptr<float>();
-  const int64_t blocks = (n + mr - 1) / mr;
-  // A few blocks per task: each task reuses its score buffer, and threads balance well.
-  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(16, blocks / (8 * at::get_num_threads())));
+  const int64_t block_rows = mr * std::max<int64_t>(1, std::min(kBlockBytes / (mr * d * 4),
+                                                                kScoreBytes / (mr * ld * 4)));
+  const int64_t blocks = (n + block_rows - 1) / block_rows;
+  // A few blocks per task: each task reuses its buffers, and threads balance well.
+  const int64_t grain = std::max<int64_t>(1, std::min<int64_t>(8, blocks / (8 * at::get_num_threads())));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    std::vector<float> scores(static_cast<size_t>(mr * ld));
+    BlockScratch scratch{std::vector<float>(block_rows * ld), std::vector<float>(block_rows * kMaxLanes),
+                         std::vector<RowSearch>(block_rows)};
     std::vector<float> xpad;
-    float row_min[16];
-    double partial[kmeans::kCanonicalLanes];
     for (int64_t blk = b0; blk < b1; ++blk) {
-      const int64_t r0 = blk * mr;
-      const int64_t rows = std::min<int64_t>(mr, n - r0);
+      const int64_t r0 = blk * block_rows;
+      const int64_t rows = std::min<int64_t>(block_rows, n - r0);
       const float* xb;
-      if (direct && rows == mr) {
-        xb = xf + r0 * d;
+      if (direct && rows == block_rows) {
+        xb = x.data_ptr<float>() + r0 * d;
       } else {  // widen (bf16/fp16) and zero-pad the last block's rows
-        xpad.assign(static_cast<size_t>(mr * d), 0.f);
+        xpad.assign(static_cast<size_t>(block_rows * d), 0.f);
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "kmeans_widen", [&] {
           const scalar_t* src = x.data_ptr<scalar_t>() + r0 * d;
           for (int64_t i = 0; i < rows * d; ++i) xpad[i] = static_cast<float>(src[i]);
         });
         xb = xpad.data();
       }
-      score_rows(xb, d, packed.data(), bias.data(), scale, panels, scores.data(), row_min);
+      kernel.search_block(packed_c, xb, block_rows, scratch);
       for (int64_t r = 0; r < rows; ++r) {
-        const float* xr = xb + r * d;
-        double sq = 0;
-        for (int64_t j = 0; j < d; ++j) sq += double(xr[j]) * double(xr[j]);
-        const double threshold = double(row_min[r]) + kmeans::refine_margin(std::sqrt(sq), cmax, d, 0.0, u_acc);
-        const float* srow = scores.data() + r * ld;
+        // Every centroid within the margin of the fast minimum is re-scored exactly; lowest
+        // index wins exact ties. (A NaN row has no candidate: label 0, value inf.)
         double best = std::numeric_limits<double>::infinity();
         int64_t best_index = 0;
-        // Every centroid within the margin of the fast minimum is re-scored exactly; lowest
-        // index wins exact ties. (A NaN row has no candidate: label 0, value inf/NaN as before.)
-        for (int64_t j = 0; j < k; ++j) {
-          if (!(double(srow[j]) <= threshold)) continue;
-          for (int l = 0; l < kmeans::kCanonicalLanes; ++l) {
-            partial[l] = kmeans::canonical_partial(metric, xr, cp + j * d, d, l);
-          }
-          const double exact = kmeans::canonical_score_host(metric, partial);
+        for (const auto& [fast, j] : scratch.rows[r].near) {
+          const double exact = kmeans::canonical_score_host(metric, xb + r * d, cp + j * d, d);
           if (kmeans::assign_better<double>(exact, j, best, best_index)) {
             best = exact;
             best_index = j;
@@ -403,6 +480,8 @@ std::tuple<at::Tensor, at::Tensor> kmeans_update_cpu(const at::Tensor& x_in,
 }
 
 }  // namespace
+
+std::string kmeans_cpu_kernel() { return pick_micro_kernel().name; }
 
 TORCH_LIBRARY_IMPL(lusscore, CPU, m) {
   m.impl("kmeans_assign", &kmeans_assign_cpu);

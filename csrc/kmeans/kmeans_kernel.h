@@ -72,12 +72,29 @@ LUSSCORE_HOST_DEVICE inline double canonical_partial(Metric metric, const x_t* x
   return acc;
 }
 
-// The canonical score to minimise from the 32 lane partials (host: all lanes in one array).
-inline double canonical_score_host(Metric metric, double* partial) {
-  for (int offset = kCanonicalLanes / 2; offset > 0; offset >>= 1) {
-    double next[kCanonicalLanes];
-    for (int l = 0; l < kCanonicalLanes; ++l) next[l] = partial[l] + partial[l ^ offset];
-    for (int l = 0; l < kCanonicalLanes; ++l) partial[l] = next[l];
+// The canonical score to minimise of x against c, on the host: the 32 lanes advance together
+// (lane l still sums the columns l, l + 32, ... in increasing order: the same partials as
+// canonical_partial, with independent adds), then the butterfly.
+template <typename x_t, typename c_t>
+inline double canonical_score_host(Metric metric, const x_t* x, const c_t* c, int64_t d) {
+  double partial[kCanonicalLanes] = {};
+  for (int64_t j0 = 0; j0 < d; j0 += kCanonicalLanes) {
+    const int width = d - j0 < kCanonicalLanes ? static_cast<int>(d - j0) : kCanonicalLanes;
+    if (metric == Metric::L2) {
+      for (int l = 0; l < width; ++l) {
+        const double diff = widen(x[j0 + l]) - widen(c[j0 + l]);
+        partial[l] = canon_add(partial[l], canon_mul(diff, diff));
+      }
+    } else {
+      for (int l = 0; l < width; ++l) {
+        partial[l] = canon_add(partial[l], canon_mul(widen(x[j0 + l]), widen(c[j0 + l])));
+      }
+    }
+  }
+  // The butterfly's lane 0: each round adds lane l + w to lane l for l < w (the lanes above w
+  // would only repeat those sums: a + b == b + a exactly).
+  for (int w = kCanonicalLanes / 2; w > 0; w >>= 1) {
+    for (int l = 0; l < w; ++l) partial[l] = canon_add(partial[l], partial[l + w]);
   }
   return metric == Metric::L2 ? partial[0] : -partial[0];
 }

@@ -70,18 +70,24 @@ def kmeans_assign(x: torch.Tensor, centroids: torch.Tensor, metric: str = "l2",
                   check_finite: bool = True):
     """Nearest centroid per row: (labels int64 (N), squared distance or similarity (N)).
     A NaN or infinity in x or the centroids is an error naming its row (a NaN centroid
-    would otherwise send every row to label 0). check_finite=False skips that pass (and its
+    would otherwise send every row to label 0). check_finite=False skips that check (and its
     device sync) for callers that checked already, e.g. the KMeans driver's iterations."""
     if check_finite:
         check_finite_rows("kmeans_assign centroids", centroids)
-        check_finite_rows("kmeans_assign x", x)
     if reference_enabled():
         _kmeans_assign_fake(x, centroids, metric)  # the op's checks
         if x.dtype != torch.float64:  # the kernels' compute type: centroids rounded to float32
             centroids = centroids.float()
         labels, values = _reference.kmeans_assign(x, centroids, metric)
-        return labels, values.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    return torch.ops.lusscore.kmeans_assign(x, centroids, metric)
+        values = values.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
+    else:
+        labels, values = torch.ops.lusscore.kmeans_assign(x, centroids, metric)
+    # A row with a NaN or infinity always gets a non-finite value, so x's rows are scanned only
+    # when a value is not finite (x is N x D; the values are N).
+    if check_finite and not torch.compiler.is_compiling() and values.numel() and \
+            not bool(torch.isfinite(values).all()):
+        check_finite_rows("kmeans_assign x", x)
+    return labels, values
 
 
 def kmeans_update(x: torch.Tensor, labels: torch.Tensor, k: int):
