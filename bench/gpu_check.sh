@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One command for a GPU machine: build in place with that machine's torch, run the tests and
-# the benchmarks, and write their logs and one JSON of all benchmark results into a folder.
+# the benchmarks, and write their logs, one JSON of all benchmark results and its markdown table
+# (bench/report.py) into a folder.
 #
 #   bench/gpu_check.sh [--quick | --full] [OUT_DIR]     (OUT_DIR: $OUT when set, else bench/results)
 #
@@ -12,7 +13,8 @@
 #   (bench_pipeline --stages), and compute-sanitizer memcheck and racecheck on the ops' CUDA
 #   tests.
 # At most 8 files land in OUT_DIR, none in a sub-folder: build.log, build_info.json,
-# tests.log, bench.log, bench_results.json (+ memcheck.log, racecheck.log with --full).
+# tests.log, bench.log, bench_results.json, bench_table.md (+ memcheck.log, racecheck.log with
+# --full).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 profile=quick
@@ -72,5 +74,7 @@ if [ "$profile" = full ]; then
 fi
 python bench/common.py merge "$parts" "$out/bench_results.json"
 rm -rf "$parts"
+python bench/report.py "$out/bench_results.json" --out "$out/bench_table.md" \
+  || { echo "bench/report.py could not read the results"; status=1; }
 echo "gpu_check $profile: $(( $(date +%s) - start )) s, status $status"
 exit $status
