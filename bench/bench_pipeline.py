@@ -6,17 +6,23 @@ attention stage (frozen backbone, attention
 pooling), on one fixed batch already on the device so the data loader is not measured:
 images/s and peak GPU memory (torch.cuda.max_memory_allocated over the steps, absolute and
 above what was allocated before the step) with `ops: fused` and `ops: reference`, the same
-config, in this one process; ratios are fused / reference.
+config, in this one process; ratios are fused / reference. On the CPU (the `demo` config by
+default: the embedded default's steps) also `plain`: the reference ops and PyTorch's own
+bilinear upsampling, none of lusscore's CPU paths; and the multi-crop loading of a pretrain
+batch in the main process (`data.workers: 0`, as the demo runs it), the other half of a CPU
+training step.
 
 --stages: the wall time of each stage of a whole `luss run` (from <run>/timings.json, with
 each stage's peak GPU memory), once per ops mode, each in a fresh process on a fresh run
 folder; the synthetic dataset of the config's recipe is generated first (kept for reuse).
 
-    python bench/bench_pipeline.py [--device cuda] [--config synthetic_gpu] [--set KEY=VALUE]
-                                   [--stages] [--ops fused,reference] [--quick] [--json OUT]
+    python bench/bench_pipeline.py [--device cuda|cpu] [--config synthetic_gpu|demo]
+                                   [--set KEY=VALUE] [--stages] [--ops fused,reference,plain]
+                                   [--quick] [--json OUT]
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -34,9 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import common  # noqa: E402
+import lusscore.models.pixel_attention as pixel_attention  # noqa: E402
 import lusscore.ops as ops  # noqa: E402
 from lusscore.config import apply_overrides, load_config  # noqa: E402
-from lusscore.data.views import MultiCropTransform, collate_multicrop  # noqa: E402
+from lusscore.data.views import MultiCropTransform, augment_options, collate_multicrop  # noqa: E402
 from lusscore.engine import Runtime, train_step  # noqa: E402
 from lusscore.losses.pass_loss import SwAVQueue  # noqa: E402
 from lusscore.stages.attention import AttentionTrainer  # noqa: E402
@@ -59,7 +66,7 @@ QUICK_SET = ["data.num_classes=3", "data.workers=0", "model.width=8", "model.out
              "cluster.resize=48", "cluster.crop=48", "label.resize=48", "label.sweep=[0.3, 0.6, 0.1]",
              "finetune.epochs=1", "finetune.batch_size=8", "finetune.crop=48", "finetune.label_size=24",
              "infer.resize=48"]
-MODES = ("fused", "reference")
+MODES = ("fused", "reference", "plain")  # plain: reference ops, no CPU paths of lusscore's own
 STEADY_STATE = 1 << 30  # an iteration past freeze_prototypes_iters: every parameter steps
 
 
@@ -119,11 +126,23 @@ def attention_step_fn(cfg: dict, rt: Runtime, batch):
     return lambda: train_step(trainer, batch, STEADY_STATE)[0], bs
 
 
+@contextlib.contextmanager
+def ops_mode(mode: str):
+    """fused: lusscore's kernels; reference: their pure-PyTorch twins; plain: the twins and
+    PyTorch's own upsampling (what the step is without lusscore)."""
+    pixel_attention.CPU_UPSAMPLE_VIA_CHANNELS_LAST = mode != "plain"
+    try:
+        with ops.use_reference(mode != "fused"):
+            yield
+    finally:
+        pixel_attention.CPU_UPSAMPLE_VIA_CHANNELS_LAST = True
+
+
 def measure(name: str, make_step, cfg: dict, rt: Runtime, batch, mode: str, warmup: int, repeat: int):
     device = rt.device
-    with ops.use_reference(mode == "reference"):
+    with ops_mode(mode):
         step, bs = make_step(cfg, rt, batch)
-        loss = float(step())  # the first step (allocations, cuDNN choices) is not timed
+        loss = step().detach().item()  # the first step (allocations, cuDNN choices) is not timed
         timing = common.time_fn(step, device, warmup=warmup, repeat=repeat)
         row = {"case": name, "impl": mode, "batch": bs, "step": timing,
                "images_per_s": bs / timing["median_s"], "first_loss": loss}
@@ -162,7 +181,7 @@ def bench_steps(cfg: dict, rt: Runtime, modes, warmup: int, repeat: int, attenti
     for name, make_step, cfg, batch in cases:
         batch = to_device(batch, rt.device)
         for mode in modes:  # one untimed round of every mode first: the first one run pays
-            with ops.use_reference(mode == "reference"):  # one-off costs (kernel choices, pages)
+            with ops_mode(mode):  # one-off costs (kernel choices, pages)
                 step, _ = make_step(cfg, rt, batch)
                 step()
                 step()
@@ -177,13 +196,32 @@ def bench_steps(cfg: dict, rt: Runtime, modes, warmup: int, repeat: int, attenti
     return rows
 
 
+def bench_loading(cfg: dict, repeat: int) -> dict:
+    """Multi-crop loading of pretrain batches in this process (decoded images in memory: the
+    crops, colour augmentation, normalisation and collation): images/s."""
+    pcfg = cfg["pretrain"]
+    crops = pcfg["crops"]
+    transform = MultiCropTransform(crops["sizes"], crops["counts"], crops["min_scale"],
+                                   crops["max_scale"], std_quirk=pcfg.get("std_quirk", True),
+                                   **augment_options(pcfg.get("augment")))
+    images = random_images(pcfg["batch_size"], max(crops["sizes"]))
+    load = lambda: collate_multicrop([transform(im) for im in images])  # noqa: E731
+    timing = common.time_fn(load, "cpu", warmup=1, repeat=repeat)
+    row = {"case": "pretrain multi-crop loading (main process)", "impl": "fused",
+           "batch": len(images), "step": timing, "images_per_s": len(images) / timing["median_s"]}
+    print(f"{row['case']}: {row['images_per_s']:.1f} images/s", file=sys.stderr)
+    return row
+
+
 def add_ratios(per_mode: dict, keys) -> None:
-    """fused / reference of each key, written on the fused row."""
-    if set(MODES) <= set(per_mode):
-        fused, ref = per_mode["fused"], per_mode["reference"]
+    """fused / each other mode of each key, written on the fused row."""
+    fused = per_mode.get("fused")
+    for other in ("reference", "plain"):
+        if fused is None or other not in per_mode:
+            continue
         for key in keys:
-            if fused.get(key) is not None and ref.get(key):
-                fused[f"{key}_fused_over_reference"] = fused[key] / ref[key]
+            if fused.get(key) is not None and per_mode[other].get(key):
+                fused[f"{key}_fused_over_{other}"] = fused[key] / per_mode[other][key]
 
 
 # ------------------------------------------------------------------ whole runs
@@ -242,10 +280,12 @@ def bench_stages(args, device, modes) -> tuple[list[dict], dict]:
 
 def main():
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--config", default="synthetic_gpu", help="packaged config name or YAML file")
+    p.add_argument("--config", default=None,
+                   help="packaged config name or YAML file (default: synthetic_gpu on a GPU, demo on the CPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key (repeatable), as for `luss run`")
-    p.add_argument("--ops", default=",".join(MODES), help="modes to run: fused,reference")
+    p.add_argument("--ops", default=None,
+                   help="modes to run (default: fused,reference on a GPU, fused,reference,plain on the CPU)")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a smoke run; fits a CPU)")
     p.add_argument("--stages", action="store_true", help="time each stage of whole `luss run`s")
     p.add_argument("--no-attention", action="store_true", help="only the pretrain step")
@@ -256,10 +296,16 @@ def main():
     p.add_argument("--synth-workers", type=int, default=min(16, os.cpu_count() or 1))
     args = p.parse_args()
     device = torch.device(args.device)
+    if args.config is None:
+        args.config = "demo" if device.type == "cpu" else "synthetic_gpu"
+    if args.ops is None:
+        args.ops = ",".join(MODES if device.type == "cpu" else MODES[:2])
     modes = [m.strip() for m in args.ops.split(",") if m.strip()]
     for m in modes:
         if m not in MODES:
-            p.error(f"--ops: unknown mode {m!r} (fused, reference)")
+            p.error(f"--ops: unknown mode {m!r} ({', '.join(MODES)})")
+        if m == "plain" and args.stages:
+            p.error("--ops plain: only for the training steps (not --stages)")
     cfg = apply_overrides(load_config(args.config), (QUICK_SET if args.quick else []) + args.set)
     extra = {"config": args.config, "overrides": (QUICK_SET if args.quick else []) + args.set,
              "quick": args.quick}
@@ -281,6 +327,8 @@ def main():
         warmup = args.warmup if args.warmup is not None else (1 if args.quick else 5)
         repeat = args.repeat if args.repeat is not None else (3 if args.quick else 20)
         rows = bench_steps(cfg, rt, modes, warmup, repeat, attention=not args.no_attention)
+        if device.type == "cpu":
+            rows.append(bench_loading(cfg, repeat))
         extra.update(warmup=warmup, repeat=repeat, amp=str(rt.amp_dtype))
         name = "pipeline"
     common.write_results(args.json, name, device, rows, **extra)

@@ -124,3 +124,20 @@ def test_compiles_fullgraph_with_gradients():
     m2.load_state_dict(m.state_dict())
     m2(z).square().sum().backward()
     torch.testing.assert_close(got, m2.theta.grad, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(4, 256, 6, 6), (2, 64, 14, 14), (3, 16, 40, 40), (2, 8, 5, 7)])
+def test_cpu_upsample_route_matches_interpolate(shape):
+    """The CPU's channels-last route of the x4 upsampling: a contiguous result, the values and
+    gradients of F.interpolate up to rounding, and exactly them on stage-4 sized maps."""
+    from lusscore.models.pixel_attention import upsample_bilinear
+    z = torch.randn(*shape, dtype=torch.float32, requires_grad=True)
+    ref = F.interpolate(z, scale_factor=4, mode="bilinear", align_corners=False)
+    out = upsample_bilinear(z, 4)
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+    if shape[1] >= 64 and shape[-1] <= 14:
+        assert torch.equal(out, ref)
+    g = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(out, z, g)[0], torch.autograd.grad(ref, z, g)[0],
+                               rtol=0, atol=1e-5)
