@@ -2,6 +2,7 @@
 // this library; the module only says how the library was built.
 #include <torch/extension.h>
 
+#include "attention_pool/attention_pool_common.h"
 #include "kmeans/kmeans_common.h"
 
 #define LUSSCORE_STR_(x) #x
@@ -14,4 +15,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("kmeans_cpu_kernel", &lusscore::kmeans_cpu_kernel,
         "The CPU micro-kernel kmeans_assign runs now: avx512, avx2 or generic "
         "(LUSSCORE_KMEANS_CPU_KERNEL forces one).");
+  m.def("attention_pool_cpu_kernel", &lusscore::attention_pool_cpu_kernel,
+        "The ISA level of attention_pool's CPU kernel now: avx512, avx2 or generic "
+        "(LUSSCORE_ATTENTION_POOL_CPU_KERNEL forces one).");
 }

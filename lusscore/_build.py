@@ -31,4 +31,5 @@ def build_info() -> dict:
         "gpu_available": gpu,
         "gpu_name": torch.cuda.get_device_name() if gpu else None,
         "kmeans_cpu_kernel": _C.kmeans_cpu_kernel(),
+        "attention_pool_cpu_kernel": _C.attention_pool_cpu_kernel(),
     }

@@ -436,3 +436,40 @@ def test_scaled_tolerance_rejects_zero_gradients():
     want = _grads(ref.attention_pool, x.float(), a.float(), theta.float(), gp.float())
     for g, w in zip(grads, want):  # and the bf16 op passes it against fp32 eager
         assert_close_to_scale(g, w, 2e-2)
+
+
+CPU_LEVELS = ("generic", "avx2", "avx512")  # narrowest first
+
+
+@pytest.mark.parametrize("level", CPU_LEVELS)
+def test_cpu_isa_levels(monkeypatch, level):
+    """Each ISA level of the CPU float kernels (LUSSCORE_ATTENTION_POOL_CPU_KERNEL forces one,
+    read at every call) matches the float64 reference, forward and backward, with and without
+    the mean attention, in every floating dtype; a level this CPU lacks is an error naming it."""
+    from lusscore._build import load_extension
+    level_now = load_extension().attention_pool_cpu_kernel
+    monkeypatch.delenv("LUSSCORE_ATTENTION_POOL_CPU_KERNEL", raising=False)
+    widest = level_now()
+    monkeypatch.setenv("LUSSCORE_ATTENTION_POOL_CPU_KERNEL", level)
+    x, a, theta = attention_pool_inputs(2, 40, 9, 11, dtype=torch.float32, seed=7)
+    if CPU_LEVELS.index(level) > CPU_LEVELS.index(widest):
+        with pytest.raises(RuntimeError, match=f"LUSSCORE_ATTENTION_POOL_CPU_KERNEL={level}"):
+            ops.attention_pool(x, a, theta)
+        return
+    assert level_now() == level
+    g = torch.Generator().manual_seed(8)
+    gp, gm = torch.randn(2, 40, generator=g), torch.randn(2, 9, 11, generator=g)
+    want = _grads(ref.attention_pool, x.double(), a.double(), theta.double(), gp.double(), gm.double())
+    want_out = ref.attention_pool(x.double(), a.double(), theta.double(), True)
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-3)):
+        xs, as_ = x.to(dtype), a.to(dtype)
+        pooled, mean = ops.attention_pool(xs, as_, theta, True)
+        torch.testing.assert_close(pooled.double(), want_out[0], atol=tol, rtol=tol)
+        torch.testing.assert_close(mean.double(), want_out[1], atol=tol, rtol=tol)
+        for gm_used in (None, gm):
+            got = _grads(ops.attention_pool, xs, as_, theta, gp.to(dtype),
+                         gm_used.to(dtype) if gm_used is not None else None)
+            expect = want if gm_used is not None else _grads(
+                ref.attention_pool, x.double(), a.double(), theta.double(), gp.double())
+            for o, w in zip(got, expect):
+                torch.testing.assert_close(o.double(), w, atol=tol * 10, rtol=tol * 10)

@@ -17,6 +17,8 @@ def test_build_info_fields():
     else:
         assert info["cuda_archs"] == []
     assert info["gpu_available"] == (info["cuda_kernels"] and torch.cuda.is_available())
+    for kernel in ("kmeans_cpu_kernel", "attention_pool_cpu_kernel"):
+        assert info[kernel] in ("generic", "avx2", "avx512")
 
 
 def test_ops_registered():

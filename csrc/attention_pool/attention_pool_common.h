@@ -1,9 +1,15 @@
 // Shape/dtype/device checks of attention_pool and its backward, shared by both devices.
 #pragma once
 
+#include <string>
+
 #include "common/checks.h"
 
 namespace lusscore {
+
+// The ISA level of the CPU kernel attention_pool would run now (attention_pool_cpu.cpp):
+// avx512, avx2 or generic.
+std::string attention_pool_cpu_kernel();
 
 // x and a: float32/bf16/fp16 on both devices, float64 only where allow_double_x (the CPU).
 // theta may have any of the four float dtypes on both devices: it is read in the accumulation

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "attention_pool/attention_pool_common.h"
+#include "common/cpu_isa.h"
 #include "attention_pool/attention_pool_kernel.h"
 
 namespace lusscore {
@@ -21,11 +22,18 @@ namespace {
 // Row kernels on acc_t (float or double) arrays. The loops are written for the compiler's
 // SIMD vectoriser (omp simd, with a polynomial exp for float that vectorises where libm's
 // does not); each row is summed in a fixed order whatever the thread count, so results are
-// deterministic.
+// deterministic on a given CPU. The float rows are also compiled for AVX2 + FMA and AVX-512
+// (FloatRows below): the widest the CPU has runs.
+
+#if defined(__GNUC__)
+#define LUSSCORE_ROW_INLINE inline __attribute__((always_inline))
+#else
+#define LUSSCORE_ROW_INLINE inline
+#endif
 
 // exp(v) for float: v = n ln2 + r, |r| <= ln2/2, a degree-6 polynomial for exp(r) (relative
 // error ~2e-7), times 2^n built from its bits. Saturates outside [-87, 88].
-inline float exp_poly(float v) {
+LUSSCORE_ROW_INLINE float exp_poly(float v) {
   v = std::min(std::max(v, -87.0f), 88.0f);
   const float n = (v * 1.44269504f + 12582912.0f) - 12582912.0f;  // round to nearest
   const float r = (v - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -42,12 +50,12 @@ inline float exp_poly(float v) {
   return p * scale;
 }
 
-inline float sigmoid_cpu(float v) { return 1.0f / (1.0f + exp_poly(-v)); }
+LUSSCORE_ROW_INLINE float sigmoid_cpu(float v) { return 1.0f / (1.0f + exp_poly(-v)); }
 inline double sigmoid_cpu(double v) { return attention_sigmoid<double>(v); }
 
 // sum_i sigmoid(a[i] + th) * x[i]
 template <typename acc_t>
-acc_t pooled_row(const acc_t* x, const acc_t* a, acc_t th, int64_t n) {
+LUSSCORE_ROW_INLINE acc_t pooled_row(const acc_t* x, const acc_t* a, acc_t th, int64_t n) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) sum += sigmoid_cpu(a[i] + th) * x[i];
@@ -56,7 +64,7 @@ acc_t pooled_row(const acc_t* x, const acc_t* a, acc_t th, int64_t n) {
 
 // acc[i] += sigmoid(a[i] + th); returns sum_i sigmoid(a[i] + th) * x[i]
 template <typename acc_t>
-acc_t pooled_accumulate_row(const acc_t* x, const acc_t* a, acc_t th, acc_t* acc, int64_t n) {
+LUSSCORE_ROW_INLINE acc_t pooled_accumulate_row(const acc_t* x, const acc_t* a, acc_t th, acc_t* acc, int64_t n) {
   acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < n; ++i) {
@@ -70,7 +78,7 @@ acc_t pooled_accumulate_row(const acc_t* x, const acc_t* a, acc_t th, acc_t* acc
 // ga[i] = (gh * x[i] + gmh[i]) * s * (1 - s), gx[i] = gh * s (when gx), s = sigmoid(a[i] + th);
 // gmh may be null (no mean-attention gradient). Returns sum_i ga[i].
 template <typename acc_t>
-acc_t backward_row(const acc_t* x, const acc_t* a, const acc_t* gmh, acc_t th, acc_t gh, acc_t* ga,
+LUSSCORE_ROW_INLINE acc_t backward_row(const acc_t* x, const acc_t* a, const acc_t* gmh, acc_t th, acc_t gh, acc_t* ga,
                    acc_t* gx, int64_t n) {
   acc_t sum = 0;
   if (gmh) {
@@ -95,6 +103,68 @@ acc_t backward_row(const acc_t* x, const acc_t* a, const acc_t* gmh, acc_t th, a
   return sum;
 }
 
+// The float row kernels of one ISA level.
+struct FloatRows {
+  float (*pooled)(const float* x, const float* a, float th, int64_t n);
+  float (*pooled_accumulate)(const float* x, const float* a, float th, float* acc, int64_t n);
+  float (*backward)(const float* x, const float* a, const float* gmh, float th, float gh, float* ga,
+                    float* gx, int64_t n);
+};
+
+// The three float rows compiled with function attributes ATTR, as functions NAME_*.
+#define LUSSCORE_FLOAT_ROWS(NAME, ATTR)                                                          \
+  ATTR float NAME##_pooled(const float* x, const float* a, float th, int64_t n) {                \
+    return pooled_row<float>(x, a, th, n);                                                        \
+  }                                                                                               \
+  ATTR float NAME##_pooled_accumulate(const float* x, const float* a, float th, float* acc,      \
+                                      int64_t n) {                                                \
+    return pooled_accumulate_row<float>(x, a, th, acc, n);                                        \
+  }                                                                                               \
+  ATTR float NAME##_backward(const float* x, const float* a, const float* gmh, float th,         \
+                             float gh, float* ga, float* gx, int64_t n) {                         \
+    return backward_row<float>(x, a, gmh, th, gh, ga, gx, n);                                     \
+  }
+
+LUSSCORE_FLOAT_ROWS(generic, )
+#if LUSSCORE_X86_TARGETS
+LUSSCORE_FLOAT_ROWS(avx2, __attribute__((target("arch=x86-64-v3"))))
+LUSSCORE_FLOAT_ROWS(avx512, __attribute__((target("arch=x86-64-v4"))))
+#endif
+
+// The widest level this CPU has, or the one LUSSCORE_ATTENTION_POOL_CPU_KERNEL names.
+FloatRows pick_float_rows() {
+  switch (cpu_isa("LUSSCORE_ATTENTION_POOL_CPU_KERNEL")) {
+#if LUSSCORE_X86_TARGETS
+    case CpuIsa::avx512: return {&avx512_pooled, &avx512_pooled_accumulate, &avx512_backward};
+    case CpuIsa::avx2: return {&avx2_pooled, &avx2_pooled_accumulate, &avx2_backward};
+#endif
+    default: return {&generic_pooled, &generic_pooled_accumulate, &generic_backward};
+  }
+}
+
+// Row kernels by accumulation type: float through the picked level, double generic.
+struct Rows {
+  FloatRows f = pick_float_rows();
+  float pooled(const float* x, const float* a, float th, int64_t n) const { return f.pooled(x, a, th, n); }
+  double pooled(const double* x, const double* a, double th, int64_t n) const {
+    return pooled_row<double>(x, a, th, n);
+  }
+  float pooled_accumulate(const float* x, const float* a, float th, float* acc, int64_t n) const {
+    return f.pooled_accumulate(x, a, th, acc, n);
+  }
+  double pooled_accumulate(const double* x, const double* a, double th, double* acc, int64_t n) const {
+    return pooled_accumulate_row<double>(x, a, th, acc, n);
+  }
+  float backward(const float* x, const float* a, const float* gmh, float th, float gh, float* ga,
+                 float* gx, int64_t n) const {
+    return f.backward(x, a, gmh, th, gh, ga, gx, n);
+  }
+  double backward(const double* x, const double* a, const double* gmh, double th, double gh,
+                  double* ga, double* gx, int64_t n) const {
+    return backward_row<double>(x, a, gmh, th, gh, ga, gx, n);
+  }
+};
+
 // Rows of reduced-precision types are processed in chunks converted to float.
 constexpr int64_t kChunk = 1024;
 
@@ -109,52 +179,53 @@ struct RowBuffers {
 };
 
 template <typename scalar_t, typename acc_t>
-acc_t pooled_row_any(const scalar_t* x, const scalar_t* a, acc_t th, int64_t n,
+acc_t pooled_row_any(const Rows& rows, const scalar_t* x, const scalar_t* a, acc_t th, int64_t n,
                      RowBuffers<scalar_t, acc_t>& buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return pooled_row<acc_t>(x, a, th, n);
+    return rows.pooled(x, a, th, n);
   } else {
     acc_t sum = 0;
     for (int64_t off = 0; off < n; off += kChunk) {
       const int64_t m = std::min(kChunk, n - off);
       at::vec::convert(x + off, buf.x.data(), m);
       at::vec::convert(a + off, buf.a.data(), m);
-      sum += pooled_row<acc_t>(buf.x.data(), buf.a.data(), th, m);
+      sum += rows.pooled(buf.x.data(), buf.a.data(), th, m);
     }
     return sum;
   }
 }
 
 template <typename scalar_t, typename acc_t>
-acc_t pooled_accumulate_any(const scalar_t* x, const scalar_t* a, acc_t th, acc_t* acc, int64_t n,
-                            RowBuffers<scalar_t, acc_t>& buf) {
+acc_t pooled_accumulate_any(const Rows& rows, const scalar_t* x, const scalar_t* a, acc_t th,
+                            acc_t* acc, int64_t n, RowBuffers<scalar_t, acc_t>& buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return pooled_accumulate_row<acc_t>(x, a, th, acc, n);
+    return rows.pooled_accumulate(x, a, th, acc, n);
   } else {
     acc_t sum = 0;
     for (int64_t off = 0; off < n; off += kChunk) {
       const int64_t m = std::min(kChunk, n - off);
       at::vec::convert(x + off, buf.x.data(), m);
       at::vec::convert(a + off, buf.a.data(), m);
-      sum += pooled_accumulate_row<acc_t>(buf.x.data(), buf.a.data(), th, acc + off, m);
+      sum += rows.pooled_accumulate(buf.x.data(), buf.a.data(), th, acc + off, m);
     }
     return sum;
   }
 }
 
 template <typename scalar_t, typename acc_t>
-acc_t backward_row_any(const scalar_t* x, const scalar_t* a, const acc_t* gmh, acc_t th, acc_t gh,
-                       scalar_t* ga, scalar_t* gx, int64_t n, RowBuffers<scalar_t, acc_t>& buf) {
+acc_t backward_row_any(const Rows& rows, const scalar_t* x, const scalar_t* a, const acc_t* gmh,
+                       acc_t th, acc_t gh, scalar_t* ga, scalar_t* gx, int64_t n,
+                       RowBuffers<scalar_t, acc_t>& buf) {
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    return backward_row<acc_t>(x, a, gmh, th, gh, ga, gx, n);
+    return rows.backward(x, a, gmh, th, gh, ga, gx, n);
   } else {
     acc_t sum = 0;
     for (int64_t off = 0; off < n; off += kChunk) {
       const int64_t m = std::min(kChunk, n - off);
       at::vec::convert(x + off, buf.x.data(), m);
       at::vec::convert(a + off, buf.a.data(), m);
-      sum += backward_row<acc_t>(buf.x.data(), buf.a.data(), gmh ? gmh + off : nullptr, th, gh,
-                                 buf.ga.data(), gx ? buf.gx.data() : nullptr, m);
+      sum += rows.backward(buf.x.data(), buf.a.data(), gmh ? gmh + off : nullptr, th, gh,
+                           buf.ga.data(), gx ? buf.gx.data() : nullptr, m);
       at::vec::convert(buf.ga.data(), ga + off, m);
       if (gx) at::vec::convert(buf.gx.data(), gx + off, m);
     }
@@ -178,6 +249,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_cpu(const at::Tensor& x_in, co
   if (hw == 0 && pooled.numel() > 0) pooled.fill_(std::numeric_limits<double>::quiet_NaN());
   if (B * L * hw == 0) return {pooled, mean_att};
   const at::Tensor x = x_in.contiguous(), a = a_in.contiguous();
+  const Rows rows;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_pool_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::Tensor theta = theta_in.to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
@@ -191,7 +263,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_cpu(const at::Tensor& x_in, co
         RowBuffers<scalar_t, acc_t> buf;
         for (int64_t r = begin; r < end; ++r) {
           out[r] = static_cast<scalar_t>(
-              pooled_row_any<scalar_t, acc_t>(xp + r * hw, ap + r * hw, tp[r % L], hw, buf) * inv_hw);
+              pooled_row_any<scalar_t, acc_t>(rows, xp + r * hw, ap + r * hw, tp[r % L], hw, buf) * inv_hw);
         }
       });
     } else {
@@ -207,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor> attention_pool_cpu(const at::Tensor& x_in, co
           for (int64_t l = 0; l < L; ++l) {
             const int64_t r = b * L + l;
             out[r] = static_cast<scalar_t>(pooled_accumulate_any<scalar_t, acc_t>(
-                                               xp + r * hw, ap + r * hw, tp[l], acc.data(), hw, buf) *
+                                               rows, xp + r * hw, ap + r * hw, tp[l], acc.data(), hw, buf) *
                                            inv_hw);
           }
           for (int64_t i = 0; i < hw; ++i) mp[b * hw + i] = static_cast<scalar_t>(acc[i] * inv_l);
@@ -232,6 +304,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_backward_cpu(
   if (B * L * hw == 0) return {grad_x, grad_a, grad_theta};
   const at::Tensor x = x_in.contiguous(), a = a_in.contiguous();
   const at::Tensor gm = attention_pool_grad_mean(grad_mean_in, x);
+  const Rows rows;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "attention_pool_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc_type = c10::CppTypeToScalarType<acc_t>::value;
@@ -254,7 +327,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_backward_cpu(
       RowBuffers<scalar_t, acc_t> buf;
       for (int64_t r = begin; r < end; ++r) {
         const int64_t off = r * hw;
-        rs[r] = backward_row_any<scalar_t, acc_t>(xp + off, ap + off, gmp ? gmp + (r / L) * hw : nullptr,
+        rs[r] = backward_row_any<scalar_t, acc_t>(rows, xp + off, ap + off, gmp ? gmp + (r / L) * hw : nullptr,
                                                   tp[r % L], gpp[r] * inv_hw, gap + off,
                                                   gxp ? gxp + off : nullptr, hw, buf);
       }
@@ -270,6 +343,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_pool_backward_cpu(
 }
 
 }  // namespace
+
+std::string attention_pool_cpu_kernel() { return cpu_isa_name(cpu_isa("LUSSCORE_ATTENTION_POOL_CPU_KERNEL")); }
 
 TORCH_LIBRARY_IMPL(lusscore, CPU, m) {
   m.impl("attention_pool", &attention_pool_cpu);

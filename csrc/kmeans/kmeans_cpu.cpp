@@ -19,6 +19,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/cpu_isa.h"
 #include "kmeans/kmeans_common.h"
 #include "kmeans/kmeans_kernel.h"
 
@@ -277,7 +278,7 @@ struct MicroKernel {
   const char* name;
 };
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if LUSSCORE_X86_TARGETS
 // AVX-512: 12 rows x 2 zmm = 24 accumulators of 32 registers.
 __attribute__((target("arch=x86-64-v4"))) void search_block_avx512(
     const PackedCentroids& c, const float* x, int64_t rows, BlockScratch& scratch) {
@@ -294,32 +295,15 @@ void search_block_generic(const PackedCentroids& c, const float* x, int64_t rows
   search_block_body<4, 4>(c, x, rows, scratch);
 }
 
-// The widest micro-kernel this CPU runs, or the one LUSSCORE_KMEANS_CPU_KERNEL=avx512|avx2|
-// generic names (read at each call: the tests and the benchmark measure every kernel the CPU
-// has in one process).
+// The widest micro-kernel this CPU runs, or the one LUSSCORE_KMEANS_CPU_KERNEL names.
 MicroKernel pick_micro_kernel() {
-  const char* env = std::getenv("LUSSCORE_KMEANS_CPU_KERNEL");
-  const std::string wanted = env == nullptr ? "" : env;
-  TORCH_CHECK(wanted.empty() || wanted == "avx512" || wanted == "avx2" || wanted == "generic",
-              "LUSSCORE_KMEANS_CPU_KERNEL must be avx512, avx2 or generic, got '", wanted, "'");
-  const MicroKernel generic{&search_block_generic, 4, 8, "generic"};
-  if (wanted == "generic") return generic;
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-  __builtin_cpu_init();
-  const bool has_avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-  const bool has_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  TORCH_CHECK(wanted != "avx512" || has_avx512,
-              "LUSSCORE_KMEANS_CPU_KERNEL=avx512, but this CPU has no AVX-512");
-  TORCH_CHECK(wanted != "avx2" || has_avx2,
-              "LUSSCORE_KMEANS_CPU_KERNEL=avx2, but this CPU has no AVX2 with FMA");
-  if (has_avx512 && wanted != "avx2") return {&search_block_avx512, 12, 32, "avx512"};
-  if (has_avx2) return {&search_block_avx2, 6, 16, "avx2"};
-#else
-  TORCH_CHECK(wanted.empty(), "LUSSCORE_KMEANS_CPU_KERNEL=", wanted,
-              ": this build has only the generic micro-kernel");
+  switch (cpu_isa("LUSSCORE_KMEANS_CPU_KERNEL")) {
+#if LUSSCORE_X86_TARGETS
+    case CpuIsa::avx512: return {&search_block_avx512, 12, 32, "avx512"};
+    case CpuIsa::avx2: return {&search_block_avx2, 6, 16, "avx2"};
 #endif
-  return generic;
+    default: return {&search_block_generic, 4, 8, "generic"};
+  }
 }
 
 // x: float32 / bf16 / fp16 rows (widened exactly to float per block of rows).
