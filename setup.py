@@ -98,7 +98,9 @@ if build_cuda:
 # Archs as one preprocessor token (8.0_9.0): a ';' would not survive the build's shell.
 arch_token = "_".join(re.findall(r"\d+\.\d+", archs)) or "none"
 macros = [("LUSSCORE_WITH_CUDA", "1" if build_cuda else "0"), ("LUSSCORE_CUDA_ARCHS", arch_token)]
-extra = {"cxx": ["-O3", "-fopenmp"]}
+# -fno-trapping-math: lets GCC turn the float clamps and selects of the CPU row kernels into
+# vector selects (no IEEE result changes; only FP exception flags, which nothing reads).
+extra = {"cxx": ["-O3", "-fopenmp", "-fno-trapping-math"]}
 if build_cuda:
     extra["nvcc"] = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", "--use_fast_math"]
     # -isystem: searched after the toolkit's own -I folders, so it only fills gaps.
