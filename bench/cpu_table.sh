@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Every benchmark on this machine's CPU, at the sizes bench/cpu_table.md uses, then that table.
+# Every benchmark on this machine's CPU, at the sizes bench/cpu_table.md uses, then that table
+# (about 25 minutes on the 2-core CPU, most of it hp_loss's chunked reference and the
+# torch.compile peers).
 #
 #   bench/cpu_table.sh [OUT_DIR]     (OUT_DIR: the runs' JSON and logs, default bench/results/cpu)
 #
