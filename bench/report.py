@@ -98,7 +98,7 @@ BENCHES: dict[str, PerImpl | Wide] = {
         metrics=(Metric("labelling, end to end", ("images_per_s",), unit="images/s"),)),
     "pipeline": PerImpl(
         ours="fused", workload=lambda r: r["case"],
-        metrics=(Metric("training step", ("images_per_s",), unit="images/s", memory="peak_bytes"),)),
+        metrics=(Metric("throughput", ("images_per_s",), unit="images/s", memory="peak_bytes"),)),
     "pipeline_stages": PerImpl(
         ours="fused", workload=lambda r: r["case"],
         metrics=(Metric("wall time", ("seconds",), memory="peak_bytes"),

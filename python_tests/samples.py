@@ -124,3 +124,19 @@ def assert_close_to_scale(got: torch.Tensor, want: torch.Tensor, rel: float) -> 
     atol would pass an all-zero result where the values are small (e.g. bf16 gradients)."""
     scale = want.detach().abs().max().item() if want.numel() else 0.0
     torch.testing.assert_close(got.float(), want.float(), atol=rel * max(scale, 1e-30), rtol=rel)
+
+
+# --- multi-crop batches -----------------------------------------------------------------------
+
+def multicrop_batch(batch: int = 4, seed: int = 0):
+    """A seeded pretrain batch of noise images: 2 x 48 px + 2 x 24 px crops, the reference std."""
+    import numpy as np
+    from PIL import Image
+
+    from lusscore.data.views import MultiCropTransform
+    torch.manual_seed(seed)
+    transform = MultiCropTransform([48, 24], [2, 2], [0.3, 0.1], [1.0, 0.3], std_quirk=True)
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8))
+              for _ in range(batch)]
+    return transform.collate([transform(im) for im in images])

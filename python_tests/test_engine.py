@@ -15,6 +15,41 @@ def test_cpu_runtime_flushes_denormals():
         torch.set_flush_denormal(False)
 
 
+def test_keep_freed_host_memory_applies_on_glibc_and_can_be_turned_off(monkeypatch):
+    import platform
+
+    from lusscore.engine import KEEP_HOST_MEMORY_ENV, keep_freed_host_memory
+    monkeypatch.setenv(KEEP_HOST_MEMORY_ENV, "0")
+    assert keep_freed_host_memory() is False
+    monkeypatch.delenv(KEEP_HOST_MEMORY_ENV)
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert keep_freed_host_memory() is True
+
+
+def test_prepare_model_makes_training_convolutions_channels_last_on_the_cpu(monkeypatch):
+    import lusscore.engine as engine
+    from lusscore.models.resnet import build_trunk
+    cfg = {"arch": "resnet18", "width": 8, "output_stride": 16}
+
+    def conv_weights(model):
+        return [p for p in model.parameters() if p.dim() == 4]
+
+    plain = engine.prepare_model(build_trunk(cfg), setup_runtime("cpu"))
+    assert all(p.is_contiguous() for p in conv_weights(plain))
+    model = engine.prepare_model(build_trunk(cfg), setup_runtime("cpu"), channels_last_on_cpu=True)
+    weights = conv_weights(model)
+    assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
+    assert any(not p.is_contiguous() for p in weights)  # some kernels are wider than 1x1
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    out = model.eval()(x)["stage4"]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out, plain.eval()(x)["stage4"], atol=1e-4, rtol=1e-4)
+    monkeypatch.setattr(engine, "CPU_CHANNELS_LAST", False)  # the benchmarks' switch
+    off = engine.prepare_model(build_trunk(cfg), setup_runtime("cpu"), channels_last_on_cpu=True)
+    assert all(p.is_contiguous() for p in conv_weights(off))
+
+
 # ------------------------------------------------------------------ the one training loop
 import json  # noqa: E402
 

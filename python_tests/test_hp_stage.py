@@ -77,6 +77,25 @@ def test_renewal_recomputes_the_specific_pool_every_n_steps(tmp_path, tiny_root,
     assert state["pool_specific"]["filled"] == min(8, images)
 
 
+def test_views_pair_each_crop_with_its_photometric_augmentation(tiny_root):  # noqa: F811
+    from lusscore.data.photometric import GRAY, JITTER
+    from lusscore.data.transforms import to_normalized_tensor
+    paths = [p for p, _ in ImageNetS(tiny_root).image_samples("train")][:6]
+    views = hp.HPViews(paths, 24, (0.5, 1.0))
+    assert (views.photometric.factor_range, views.photometric.hue_range) == ((0.6, 1.4), (-0.1, 0.1))
+    torch.manual_seed(0)
+    items = [views[i] for i in range(len(paths))]
+    x, x_aug = views.collate(items)
+    assert x.shape == x_aug.shape == (6, 3, 24, 24) and x.dtype == x_aug.dtype == torch.float32
+    crops = torch.stack([crop for crop, _ in items])
+    torch.testing.assert_close(x, to_normalized_tensor(crops))
+    for i, (crop, draw) in enumerate(items):
+        want = to_normalized_tensor(views.photometric.apply(crop[None], draw[None]))[0]
+        torch.testing.assert_close(x_aug[i], want)
+        untouched = draw[JITTER] >= 0.8 and draw[GRAY] >= 0.2
+        assert torch.allclose(x_aug[i], x[i], atol=1e-5) == bool(untouched)
+
+
 def test_pool_thresholds_are_the_max_similarity_and_inf_when_empty():
     f = F.normalize(torch.randn(5, 3), dim=1)
     pool = F.normalize(torch.randn(4, 3), dim=1)

@@ -3,14 +3,13 @@ import copy
 import json
 from argparse import Namespace
 
-import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import lusscore.ops as ops
+from samples import multicrop_batch
 from lusscore.config import apply_overrides, load_config
-from lusscore.data.views import MultiCropTransform, collate_multicrop
 from lusscore.metrics import SegEvaluator
 from lusscore.models.pixel_attention import PixelAttention
 from lusscore.ops.seg_metrics import new_accumulators
@@ -239,13 +238,6 @@ TINY_MODEL = {"arch": "resnet18", "width": 8, "output_stride": 16, "hidden_mlp":
               "num_prototypes": 10}
 
 
-def _pretrain_batch(batch: int = 4):
-    torch.manual_seed(0)
-    transform = MultiCropTransform([48, 24], [2, 2], [0.3, 0.1], [1.0, 0.3], std_quirk=True)
-    rng = np.random.default_rng(0)
-    from PIL import Image
-    images = [Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)) for _ in range(batch)]
-    return collate_multicrop([transform(im) for im in images])
 
 
 def _pretrain_loss_and_grads(model, batch):
@@ -267,7 +259,7 @@ def test_pretrain_step_fused_and_reference_agree():
     torch.manual_seed(0)
     fused_model = PASSPretrainModel(TINY_MODEL, {"swav": 0.5, "d2s": 0.5, "p2p": 1.0})
     ref_model = copy.deepcopy(fused_model)
-    batch = _pretrain_batch()
+    batch = multicrop_batch()
     with KernelCalls() as fused_calls:
         loss_f, grads_f = _pretrain_loss_and_grads(fused_model, batch)
     with ops.use_reference(), KernelCalls() as ref_calls:

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from lusscore.data.photometric import N_UNIFORMS
 from lusscore.data.views import (IMAGENET_MEAN, IMAGENET_STD, REFERENCE_STD, MultiCropSample,
                                  MultiCropTransform, collate_multicrop)
 from lusscore.losses import P2PLoss, p2p_cosine_loss
@@ -134,17 +135,23 @@ def test_full_recipe_and_normalisation(tmp_path):
     from PIL import Image
     torch.manual_seed(2)
     pil = Image.fromarray((torch.rand(50, 70, 3) * 255).to(torch.uint8).numpy())
-    sample = MultiCropTransform(size_crops=(32,), nmb_crops=(2,))(pil)
+    transform = MultiCropTransform(size_crops=(32,), nmb_crops=(2,))
+    sample = transform(pil)
     assert isinstance(sample, MultiCropSample)
-    assert all(c.dtype == torch.float32 and c.shape == (3, 32, 32) for c in sample.crops)
-    assert MultiCropTransform().finish.transforms[1].std == list(IMAGENET_STD)
-    quirk = MultiCropTransform(std_quirk=True).finish.transforms[1]
-    assert quirk.std == list(REFERENCE_STD) and quirk.std[0] == 0.228
+    assert all(c.dtype == torch.uint8 and c.shape == (3, 32, 32) for c in sample.crops)
+    assert sample.photometric.shape == (2, N_UNIFORMS)
+    batch = transform.collate([sample])
+    assert all(c.dtype == torch.float32 and c.shape == (1, 3, 32, 32) for c in batch.images)
+    assert MultiCropTransform().std.flatten().tolist() == pytest.approx(IMAGENET_STD)
+    quirk = MultiCropTransform(std_quirk=True).std.flatten().tolist()
+    assert quirk == pytest.approx(REFERENCE_STD) and quirk[0] == pytest.approx(0.228)
     # Constant white image, no colour ops: the normalised value is (1 - mean) / std.
     white = torch.full((3, 20, 20), 255, dtype=torch.uint8)
-    out = MultiCropTransform(size_crops=(8,), color_p=0, grayscale_p=0, blur_p=0,
-                             std_quirk=True)(white).crops[0]
+    plain = MultiCropTransform(size_crops=(8,), color_p=0, grayscale_p=0, blur_p=0, std_quirk=True)
+    out = plain.collate([plain(white)]).images[0][0]
     torch.testing.assert_close(out[0], torch.full((8, 8), (1 - 0.485) / 0.228))
+    with pytest.raises(ValueError, match="RGB image"):
+        plain(torch.zeros(1, 20, 20, dtype=torch.uint8))
 
 
 def test_views_and_overlap_gather_align_the_same_pixels():
@@ -183,21 +190,20 @@ def test_augment_options_from_the_config():
     image[0], image[1], image[2] = 200, 90, 30
     expected = (torch.tensor([200, 90, 30]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     torch.manual_seed(0)
-    for crop in MultiCropTransform((32,), (2,), (0.5,), (1.0,), **opts)(image).crops:
+
+    def crops(**options):
+        t = MultiCropTransform((32,), (2,), (0.5,), (1.0,), **{**opts, **options})
+        return t.collate([t(image)]).images
+
+    for crop in crops():
         assert torch.allclose(crop, expected[:, None, None].expand_as(crop), atol=1e-5)
-    jittered = MultiCropTransform((32,), (2,), (0.5,), (1.0,), **{**opts, "color_p": 1.0})(image)
     assert not any(torch.allclose(c, expected[:, None, None].expand_as(c), atol=1e-2)
-                   for c in jittered.crops)
-    gray = MultiCropTransform((32,), (2,), (0.5,), (1.0,), **{**opts, "grayscale_p": 1.0})(image)
-    assert all(torch.allclose(c[0] * 0.229 + 0.485, c[1] * 0.224 + 0.456, atol=1e-5)
-               for c in gray.crops)  # grayscale: equal channels before normalisation
-    inverted = MultiCropTransform((32,), (2,), (0.5,), (1.0,), **{**opts, "invert_p": 1.0})(image)
+                   for c in crops(color_p=1.0))
+    assert all(torch.allclose(c[:, 0] * 0.229 + 0.485, c[:, 1] * 0.224 + 0.456, atol=1e-5)
+               for c in crops(grayscale_p=1.0))  # grayscale: equal channels before normalisation
     flipped = (torch.tensor([55, 165, 225]) / 255 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
     assert all(torch.allclose(c, flipped[:, None, None].expand_as(c), atol=1e-5)
-               for c in inverted.crops)  # invert: 255 - every 8-bit value
-    # Off by default and then absent, so SwAV's recipe draws the same random numbers as before.
-    import torchvision.transforms.v2 as T
-    assert not any(isinstance(t, T.RandomInvert) for t in MultiCropTransform().color.transforms)
+               for c in crops(invert_p=1.0))  # invert: 255 - every 8-bit value
     for bad, match in (({"hue": 0.1}, "unknown keys"), ({"blur_p": 1.5}, "blur_p"),
                        ({"blur_sigma": [2.0, 1.0]}, "blur_sigma"), ({"invert_p": -0.1}, "invert_p")):
         with pytest.raises(ValueError, match=match):

@@ -1,13 +1,11 @@
 """PASS as the paper and the reference code define it: D2S on the large crops (and its
 ablation switches), the ImageNet-S configs' recipe values."""
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
+from samples import multicrop_batch
 from lusscore.config import apply_overrides, load_config
-from lusscore.data.views import MultiCropTransform, collate_multicrop
 from lusscore.losses.pass_loss import d2s_loss, d2s_options, pass_losses
 from lusscore.losses.swav import sinkhorn
 from lusscore.models.pass_models import PASSPretrainModel
@@ -20,12 +18,6 @@ WEIGHTS = {"swav": 0.5, "d2s": 0.5}
 BS = 4
 
 
-def _batch(seed: int = 0):
-    torch.manual_seed(seed)
-    transform = MultiCropTransform([48, 24], [2, 2], [0.3, 0.1], [1.0, 0.3], std_quirk=True)
-    rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)) for _ in range(BS)]
-    return collate_multicrop([transform(im) for im in images])
 
 
 def _pcfg(**d2s):
@@ -47,7 +39,7 @@ def _losses(model, groups, pcfg):
 def test_d2s_sees_the_two_large_crops_only():
     """The small crops change SwAV's loss, never D2S's (paper Eq. 4, reference d2s_loss)."""
     model, pcfg = _model(), _pcfg()
-    groups = _batch().by_size()
+    groups = multicrop_batch().by_size()
     parts, out = _losses(model, groups, pcfg)
     assert out["d2s_scores"]["stage3"].shape == (2 * BS, MODEL["num_prototypes"])
     other_small = [groups[0], torch.randn_like(groups[1])]
@@ -93,7 +85,7 @@ def test_d2s32_supervises_stages_3_and_2_and_sums_their_terms():
     assert set(model.d2s) == {"stage3", "stage2"}
     assert model.d2s["stage2"].conv[0].in_channels == model.backbone.stage_channels[2]
     pcfg = _pcfg(stages=[3, 2])
-    parts, out = _losses(model, _batch().by_size(), pcfg)
+    parts, out = _losses(model, multicrop_batch().by_size(), pcfg)
     codes = [sinkhorn(s.detach(), pcfg["epsilon"], pcfg["sinkhorn_iterations"])
              for s in out["scores"].split(BS)[:2]]
     want = sum(_by_hand(out["d2s_scores"][k], codes, "cross") for k in ("stage3", "stage2"))
@@ -201,7 +193,7 @@ def test_each_p2p_kind_trains_in_the_pretrain_loss(kind):
     weights = {"swav": 0.5, "d2s": 0.5, "p2p": 1.0}
     torch.manual_seed(0)
     model = PASSPretrainModel(MODEL, weights, p2p=p2p_options(pcfg))
-    batch = _batch()
+    batch = multicrop_batch()
     out = model(batch.by_size())
     total, parts = pass_losses(out, BS, 4, weights, pcfg, None, model.prototypes.weight)
     total = add_p2p(model, out, batch, BS, weights, total, parts, pcfg)

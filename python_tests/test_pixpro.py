@@ -1,12 +1,10 @@
 """PASS_p: PixPro's positive mask and pixel propagation against per-pixel loop references,
 its loss, the momentum network, and pretrain.method pixpro in the pretraining stage."""
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
+from samples import multicrop_batch
 from lusscore.config import load_config
-from lusscore.data.views import MultiCropTransform, collate_multicrop
 from lusscore.losses.pass_loss import pixpro_options
 from lusscore.losses.pixpro import (PixelPropagation, PixProBranch, momentum_at,
                                     pixpro_positive_mask, pixpro_regression_loss)
@@ -97,12 +95,6 @@ def test_momentum_schedule_and_update():
         torch.testing.assert_close(p, 0.99 * before[k] + 0.01 * online[k])
 
 
-def _batch(bs=4):
-    torch.manual_seed(0)
-    transform = MultiCropTransform([48, 24], [2, 2], [0.3, 0.1], [1.0, 0.3], std_quirk=True)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 255, (64, 80, 3), dtype=np.uint8)) for _ in range(bs)]
-    return collate_multicrop([transform(im) for im in images])
 
 
 def test_pixpro_loss_trains_the_online_network_only():
@@ -110,7 +102,7 @@ def test_pixpro_loss_trains_the_online_network_only():
     branch_model = PASSPretrainModel(MODEL, {"swav": 1.0}, pixpro={"momentum": 0.99, "gamma": 2.0,
                                                                    "threshold": 0.7,
                                                                    "transform_layers": 1})
-    batch = _batch()
+    batch = multicrop_batch()
     groups = batch.by_size()
     out = branch_model(groups)
     loss = branch_model.pixpro.loss(out["large_maps"], out["large_images"], batch.boxes[:2],

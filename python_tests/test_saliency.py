@@ -97,7 +97,7 @@ def test_crop_like_crops_the_prior_as_the_image():
     sample = crop_like(transform(Image.fromarray(image)), torch.from_numpy(image[..., 0] / 255.0).float())
     for crop, prior in zip(sample.crops, sample.priors):
         assert prior.shape == crop.shape[-2:]
-        torch.testing.assert_close(prior, crop[0], atol=1.5 / 255, rtol=0)
+        torch.testing.assert_close(prior, crop[0] / 255.0, atol=1.5 / 255, rtol=0)
 
 
 def test_crops_of_a_binary_prior_stay_in_0_1():

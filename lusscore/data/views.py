@@ -5,19 +5,16 @@ pixels and whether it was mirrored, which is what overlap_gather needs to align 
 physical pixels in two views.
 
 Recipe per crop (SwAV's multicropdataset): random resized crop (per-crop-size scale range,
-aspect ratio 3/4..4/3, bilinear), horizontal flip p 0.5, colour jitter (0.8, 0.8, 0.8, 0.2)
-x strength with p 0.8, grayscale p 0.2, an optional polarity inversion (255 - value, p 0 by
-default: a colour-blind set's textures come in either order of their two values), Gaussian
-blur p 0.5 with sigma uniform in (0.1, 2.0) (SwAV blurs with PIL's radius = sigma; here a
-true Gaussian kernel of size 2 * ceil(3 * sigma_max) + 1 = 13), then to float in [0, 1] and
-normalised.
+aspect ratio 3/4..4/3, bilinear), horizontal flip p 0.5, then the photometric augmentation
+(photometric.py: colour jitter, grayscale, optional polarity inversion, Gaussian blur), to
+float in [0, 1] and normalised. The loader crops each image and draws its crops' photometric
+parameters; `MultiCropTransform.collate` applies them to the whole batch at once.
 
 Normalisation: ImageNet mean/std by default; std_quirk=True uses the reference code's std
 (0.228, 0.224, 0.225) (its first channel is 0.228 instead of 0.229).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -25,6 +22,7 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
+from lusscore.data.photometric import PhotometricAugment
 from lusscore.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 REFERENCE_STD = (0.228, 0.224, 0.225)  # the reference code's pretrain std (quirk)
@@ -32,19 +30,23 @@ REFERENCE_STD = (0.228, 0.224, 0.225)  # the reference code's pretrain std (quir
 
 @dataclass
 class MultiCropSample:
-    """The crops of one image: crops[k] (3, s_k, s_k) float, boxes (n, 4) float32
-    (left, top, width, height) in original pixels, flips (n) bool; priors[k] (s_k, s_k) the
-    same crops of the image's saliency map, when it has one (crop_like)."""
+    """The crops of one image before their photometric augmentation: crops[k] (3, s_k, s_k)
+    in the image's dtype (uint8, or float in [0, 1]), boxes (n, 4) float32 (left, top, width,
+    height) in original pixels, flips (n) bool, photometric (n, N_UNIFORMS) each crop's draw
+    (PhotometricAugment.draw); priors[k] (s_k, s_k) the same crops of the image's saliency
+    map, when it has one (crop_like)."""
     crops: list
     boxes: torch.Tensor
     flips: torch.Tensor
+    photometric: torch.Tensor
     priors: list | None = None
 
 
 @dataclass
 class MultiCropBatch:
-    """A batch: images[k] (B, 3, s_k, s_k), boxes[k] (B, 4), flips[k] (B) per crop k;
-    labels (B) when the dataset gave them; priors[k] (B, s_k, s_k) when the samples had them."""
+    """A batch: images[k] (B, 3, s_k, s_k) (float, augmented and normalised when
+    MultiCropTransform.collate made it), boxes[k] (B, 4), flips[k] (B) per crop k; labels (B)
+    when the dataset gave them; priors[k] (B, s_k, s_k) when the samples had them."""
     images: list
     boxes: list
     flips: list
@@ -97,21 +99,14 @@ class MultiCropTransform:
         self.crop_specs = [(int(s), (float(lo), float(hi)))
                            for s, n, lo, hi in zip(size_crops, nmb_crops, min_scale_crops,
                                                    max_scale_crops) for _ in range(n)]
+        self.size_runs = [(int(s), int(n)) for s, n in zip(size_crops, nmb_crops)]
         self.ratio = (float(ratio[0]), float(ratio[1]))
         self.flip_p = flip_p
-        s = jitter_strength
-        kernel = 2 * math.ceil(3 * blur_sigma[1]) + 1
-        # The inversion is left out at p 0: its coin flip would shift every later random draw.
-        invert = [T.RandomInvert(p=invert_p)] if invert_p > 0 else []
-        self.color = T.Compose([
-            T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=color_p),
-            T.RandomGrayscale(p=grayscale_p),
-            *invert,
-            T.RandomApply([T.GaussianBlur(kernel, sigma=blur_sigma)], p=blur_p),
-        ])
+        self.photometric = PhotometricAugment(jitter_strength, color_p, grayscale_p, blur_p,
+                                              blur_sigma, invert_p)
         std = tuple(std) if std is not None else (REFERENCE_STD if std_quirk else IMAGENET_STD)
-        self.finish = T.Compose([T.ToDtype(torch.float32, scale=True),
-                                 T.Normalize(mean=list(mean), std=list(std))])
+        self.mean = torch.tensor([float(v) for v in mean]).view(1, 3, 1, 1)
+        self.std = torch.tensor([float(v) for v in std]).view(1, 3, 1, 1)
 
     def crop(self, image: torch.Tensor, size: int, scale: tuple):
         """One crop of a (C, H, W) image tensor: (crop, (left, top, width, height), flipped)."""
@@ -126,17 +121,36 @@ class MultiCropTransform:
 
     def __call__(self, image) -> MultiCropSample:
         image = TF.to_image(image) if not isinstance(image, torch.Tensor) else image
-        if image.dim() != 3:
-            raise ValueError(f"MultiCropTransform: expected a (C, H, W) image, got shape "
-                             f"{tuple(image.shape)}")
-        crops, boxes, flips = [], [], []
+        if image.dim() != 3 or image.shape[0] != 3:
+            raise ValueError(f"MultiCropTransform: expected an RGB image, PIL or a (3, H, W) "
+                             f"tensor (uint8, or float in [0, 1]), got shape {tuple(image.shape)}")
+        crops, boxes, flips, photometric = [], [], [], []
         for size, scale in self.crop_specs:
             out, box, flipped = self.crop(image, size, scale)
-            crops.append(self.finish(self.color(out)))
+            crops.append(out)
             boxes.append(box)
             flips.append(flipped)
+            photometric.append(self.photometric.draw())
         return MultiCropSample(crops, torch.tensor(boxes, dtype=torch.float32),
-                               torch.tensor(flips, dtype=torch.bool))
+                               torch.tensor(flips, dtype=torch.bool), torch.stack(photometric))
+
+    def finish(self, crops: torch.Tensor, photometric: torch.Tensor) -> torch.Tensor:
+        """(N, 3, s, s) crops and their draws -> augmented, normalised float crops."""
+        return self.photometric.apply(crops, photometric).sub_(self.mean).div_(self.std)
+
+    def collate(self, samples: list) -> MultiCropBatch:
+        """Samples of this transform (or (sample, label) pairs) -> a batch, every crop of a
+        position augmented at once (the loader's collate_fn)."""
+        batch = collate_multicrop(samples)
+        draws = torch.stack([s.photometric for s in _samples(samples)], dim=1)  # (n, B, U)
+        images, start = [], 0
+        for size, count in self.size_runs:  # one call per run of equal sizes: fewer, larger ops
+            crops = torch.cat(batch.images[start:start + count])
+            done = self.finish(crops, draws[start:start + count].flatten(0, 1))
+            images += list(done.view(count, -1, 3, size, size).unbind(0))
+            start += count
+        batch.images = images
+        return batch
 
 
 def crop_like(sample: MultiCropSample, prior: torch.Tensor) -> MultiCropSample:
@@ -150,7 +164,7 @@ def crop_like(sample: MultiCropSample, prior: torch.Tensor) -> MultiCropSample:
                               list(crop.shape[-2:]), interpolation=T.InterpolationMode.BILINEAR,
                               antialias=True)[0].clamp(0, 1)
         priors.append(TF.horizontal_flip(out) if flipped else out)
-    return MultiCropSample(sample.crops, sample.boxes, sample.flips, priors)
+    return MultiCropSample(sample.crops, sample.boxes, sample.flips, sample.photometric, priors)
 
 
 AUGMENT_KEYS = ("jitter_strength", "color_p", "grayscale_p", "blur_p", "blur_sigma", "invert_p")
@@ -175,14 +189,20 @@ def augment_options(section: dict | None) -> dict:
     return section
 
 
+def _samples(samples: list) -> list:
+    """The MultiCropSample items of a list of samples or (sample, label) pairs."""
+    return samples if isinstance(samples[0], MultiCropSample) else [s[0] for s in samples]
+
+
 def collate_multicrop(samples: list) -> MultiCropBatch:
-    """Collate MultiCropSample items (or (MultiCropSample, label) pairs) into a batch."""
+    """Stack MultiCropSample items (or (MultiCropSample, label) pairs) into a batch of their
+    crops as they are (MultiCropTransform.collate also augments them)."""
     if not samples:
         raise ValueError("collate_multicrop: empty batch")
     labels = None
     if not isinstance(samples[0], MultiCropSample):
         labels = torch.as_tensor([s[1] for s in samples])
-        samples = [s[0] for s in samples]
+    samples = _samples(samples)
     n = len(samples[0].crops)
     if any(len(s.crops) != n for s in samples):
         raise ValueError("collate_multicrop: every sample must have the same number of crops")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from lusscore.data.views import MultiCropTransform, augment_options, collate_multicrop
+from lusscore.data.views import MultiCropTransform, augment_options
 from lusscore.engine import Runtime, Trainer, make_loader, prepare_model, train_epochs, unwrap
 from lusscore.losses.pass_loss import N_LARGE, SwAVQueue, pass_losses, queue_length, queue_state
 from lusscore.models.pass_models import AttentionModel, read_pretrain
@@ -72,7 +72,7 @@ class AttentionTrainer(Trainer):
         per_rank = max(1, acfg["batch_size"] // rt.world_size)
         dataset = ImageFiles(samples, transform, priors if self.prior_weight > 0 else None)
         self.loader = make_loader(dataset, per_rank, rt, int(cfg["seed"]),
-                                  workers=cfg["data"]["workers"], collate_fn=collate_multicrop)
+                                  workers=cfg["data"]["workers"], collate_fn=transform.collate)
         core = AttentionModel(cfg)
         if pretrain_state is not None:
             core.load_pretrain(pretrain_state)

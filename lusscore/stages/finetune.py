@@ -45,6 +45,8 @@ class SegmentationTrainer(Trainer):
     """Cross-entropy on (image, label map) crops, LARS with a cosine schedule: `finetune`
     (pseudo labels) and `semi` (train-semi GT), each with its config section."""
 
+    trains_backbone = True  # the whole network trains: channels-last on the CPU (prepare_model)
+
     def __init__(self, cfg: dict, section: str, pairs, rt: Runtime, model: nn.Module):
         fcfg = cfg[section]
         self.name, self.rt = section, rt
@@ -55,7 +57,7 @@ class SegmentationTrainer(Trainer):
             per_rank = max(1, len(dataset) // rt.world_size)
         self.loader = make_loader(dataset, per_rank, rt, int(cfg["seed"]),
                                   workers=cfg["data"]["workers"])
-        self.model = prepare_model(model, rt)
+        self.model = prepare_model(model, rt, channels_last_on_cpu=self.trains_backbone)
         self.epochs = int(fcfg["epochs"])
         self.optimizer, self.lrs = self.optimization(fcfg, len(self.loader))
 

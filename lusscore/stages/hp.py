@@ -31,9 +31,11 @@ import torch.nn.functional as F
 import torchvision.transforms as T
 from torch import nn
 from torch.utils.data import Dataset
+from torchvision.transforms.functional import pil_to_tensor
 
 from lusscore.checkpoint import load_checkpoint
 from lusscore.data.label_io import read_image
+from lusscore.data.photometric import PhotometricAugment
 from lusscore.data.transforms import load_center_crop, to_normalized_tensor
 from lusscore.engine import Runtime, Trainer, autocast, make_loader, prepare_model, train_epochs, unwrap
 from lusscore.losses.hp import (RingPool, affinity_mix_weights, attention_mix_weights, flat_pixels,
@@ -54,21 +56,29 @@ LINEAR = "hp_linear"  # the linear probe's stage and protocol
 
 class HPViews(Dataset):
     """A random resized crop (and flip) of each image, and a photometric augmentation of that
-    same crop: the pair whose codes the consistency regulariser pulls together."""
+    same crop: the pair whose codes the consistency regulariser pulls together. HP's
+    augmentation: ColorJitter(0.4, 0.4, 0.4, 0.1) with p 0.8 and grayscale with p 0.2, drawn
+    per image and applied to the batch by `collate` (the loader's collate_fn)."""
 
     def __init__(self, paths: list[Path], crop: int, scale):
         self.paths = paths
         self.geometry = T.Compose([T.RandomResizedCrop(crop, scale=tuple(scale)),
                                    T.RandomHorizontalFlip()])
-        self.photometric = T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-                                      T.RandomGrayscale(0.2)])
+        self.photometric = PhotometricAugment(jitter_strength=0.5, color_p=0.8, grayscale_p=0.2,
+                                              blur_p=0.0)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         crop = self.geometry(read_image(self.paths[i]))
-        return to_normalized_tensor(crop), to_normalized_tensor(self.photometric(crop))
+        return pil_to_tensor(crop), self.photometric.draw()
+
+    def collate(self, items: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """(crop, draw) items -> (the crops, their augmentations), both normalised."""
+        crops = torch.stack([crop for crop, _ in items])
+        draws = torch.stack([draw for _, draw in items])
+        return to_normalized_tensor(crops), to_normalized_tensor(self.photometric.apply(crops, draws))
 
 
 class HPForward(nn.Module):
@@ -143,8 +153,9 @@ class HPTrainer(Trainer):
         h = self.h = cfg[SECTION]
         self.rt, self.backbone, self.seed = rt, backbone, int(cfg["seed"])
         per_rank = max(1, min(h["batch_size"] // rt.world_size, len(paths) // rt.world_size))
-        self.loader = make_loader(HPViews(paths, h["crop"], h["scale"]), per_rank, rt, self.seed,
-                                  workers=cfg["data"]["workers"])
+        views = HPViews(paths, h["crop"], h["scale"])
+        self.loader = make_loader(views, per_rank, rt, self.seed, workers=cfg["data"]["workers"],
+                                  collate_fn=views.collate)
         model = HPModel(backbone.out_channels, h["dim"], cfg["data"]["num_classes"] + 1, h["dropout"])
         self.model = prepare_model(HPForward(model), rt)
         self.core = unwrap(self.model).model
@@ -274,6 +285,8 @@ def hp_predictor(ctx: StageContext) -> HPPredictor:
 class LinearProbeTrainer(SegmentationTrainer):
     """HP's linear probe: the fine-tuning loop's crops and cross-entropy, HP's Adam at a
     constant lr on the 1x1 classifier (the rest is frozen)."""
+
+    trains_backbone = False
 
     def optimization(self, fcfg: dict, iters: int):
         trainable = [p for p in self.model.parameters() if p.requires_grad]

@@ -15,7 +15,7 @@ from torch.utils.data import Dataset
 
 from lusscore.data.imagenet_s import image_folder_samples
 from lusscore.data.label_io import read_image
-from lusscore.data.views import MultiCropTransform, augment_options, collate_multicrop, crop_like
+from lusscore.data.views import MultiCropTransform, augment_options, crop_like
 from lusscore.engine import Runtime, Trainer, autocast, make_loader, prepare_model, train_epochs, unwrap
 from lusscore.losses.pass_loss import (SwAVQueue, add_p2p, add_pixpro, d2s_options, p2p_options,
                                       pass_losses, pixpro_options, queue_length, queue_state)
@@ -80,12 +80,12 @@ class PretrainTrainer(Trainer):
         self.n_crops = sum(crops["counts"])
         per_rank = max(1, pcfg["batch_size"] // rt.world_size)
         self.loader = make_loader(ImageFiles(samples, transform), per_rank, rt, int(cfg["seed"]),
-                                  workers=cfg["data"]["workers"], collate_fn=collate_multicrop)
+                                  workers=cfg["data"]["workers"], collate_fn=transform.collate)
         if model is None:
             model = PASSPretrainModel(mcfg, self.weights, pcfg["p2p_lattice"],
                                       d2s_options(pcfg)["stages"], p2p_options(pcfg),
                                       pixpro_options(pcfg))
-        self.model = prepare_model(model, rt)
+        self.model = prepare_model(model, rt, channels_last_on_cpu=True)
         self.core = unwrap(self.model)
         self.optimizer = LARS([p for p in self.model.parameters() if p.requires_grad],
                               lr=pcfg["base_lr"], momentum=0.9, weight_decay=pcfg["weight_decay"])
