@@ -3,8 +3,10 @@
 Per crop (the recipe of views.py): colour jitter with p color_p (brightness, contrast and
 saturation factors uniform in [max(0, 1 - 0.8 s), 1 + 0.8 s], a hue shift uniform in
 [-0.2 s, 0.2 s], s the jitter strength, the four in a random order), grayscale with p
-grayscale_p, polarity inversion (1 - value) with p invert_p, Gaussian blur with p blur_p and
-sigma uniform in blur_sigma (a kernel of 2 * ceil(3 * sigma_max) + 1 taps, reflect padding).
+grayscale_p, polarity inversion (1 - value) with p invert_p (0 by default: a colour-blind
+set's textures come in either order of their two values), Gaussian blur with p blur_p and
+sigma uniform in blur_sigma (SwAV blurs with PIL's radius = sigma; here a true Gaussian kernel
+of 2 * ceil(3 * sigma_max) + 1 taps, reflect padding).
 The operations are torchvision's ColorJitter, RandomGrayscale, RandomInvert and GaussianBlur
 on float images in [0, 1].
 
