@@ -215,7 +215,7 @@ def torchvision_colour(transform: MultiCropTransform):
     """The photometric recipe as torchvision's per-image transforms (one call per crop, uint8
     between operations): the loading peer."""
     aug = transform.photometric
-    s = (aug.factor_range[1] - 1) / 0.8
+    s = aug.jitter_strength
     return T.Compose([
         T.RandomApply([T.ColorJitter(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s)], p=aug.color_p),
         T.RandomGrayscale(p=aug.grayscale_p),

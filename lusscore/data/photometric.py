@@ -101,7 +101,7 @@ class PhotometricAugment:
     def __init__(self, jitter_strength: float = 1.0, color_p: float = 0.8,
                  grayscale_p: float = 0.2, blur_p: float = 0.5, blur_sigma: tuple = (0.1, 2.0),
                  invert_p: float = 0.0):
-        s = float(jitter_strength)
+        self.jitter_strength = s = float(jitter_strength)
         self.factor_range = (max(0.0, 1 - 0.8 * s), 1 + 0.8 * s)
         self.hue_range = (-0.2 * s, 0.2 * s)
         self.color_p, self.grayscale_p, self.invert_p = color_p, grayscale_p, invert_p
