@@ -227,7 +227,8 @@ def torchvision_colour(transform: MultiCropTransform):
 def bench_loading(cfg: dict, repeat: int) -> list[dict]:
     """Multi-crop loading of pretrain batches in this process (decoded images in memory: the
     crops, photometric augmentation, normalisation and collation): images/s, lusscore's
-    (augmentation applied to the batch at collation) and torchvision's per-crop transforms."""
+    (augmentation applied to the batch at collation by the photometric_augment op, or by its
+    batched PyTorch reference) and torchvision's per-crop transforms."""
     pcfg = cfg["pretrain"]
     crops = pcfg["crops"]
     transform = MultiCropTransform(crops["sizes"], crops["counts"], crops["min_scale"],
@@ -242,8 +243,14 @@ def bench_loading(cfg: dict, repeat: int) -> list[dict]:
         return collate_multicrop(samples)
 
     images = random_images(pcfg["batch_size"], max(crops["sizes"]))
-    impls = {"fused": lambda: transform.collate([transform(im) for im in images]),
-             "torchvision per crop": per_crop}
+    def batched():
+        return transform.collate([transform(im) for im in images])
+
+    def batched_reference():
+        with ops.use_reference():
+            return batched()
+
+    impls = {"fused": batched, "reference": batched_reference, "torchvision per crop": per_crop}
     rows = {}
     for impl, load in impls.items():
         timing = common.time_fn(load, "cpu", warmup=1, repeat=repeat)
@@ -252,8 +259,9 @@ def bench_loading(cfg: dict, repeat: int) -> list[dict]:
                       "images_per_s": len(images) / timing["median_s"]}
         print(f"{rows[impl]['case']} [{impl}]: {rows[impl]['images_per_s']:.1f} images/s",
               file=sys.stderr)
-    rows["fused"]["images_per_s_fused_over_torchvision"] = (
-        rows["fused"]["images_per_s"] / rows["torchvision per crop"]["images_per_s"])
+    for peer, key in (("reference", "reference"), ("torchvision per crop", "torchvision")):
+        rows["fused"][f"images_per_s_fused_over_{key}"] = (
+            rows["fused"]["images_per_s"] / rows[peer]["images_per_s"])
     return list(rows.values())
 
 

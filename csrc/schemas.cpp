@@ -37,6 +37,11 @@ TORCH_LIBRARY(lusscore, m) {
   m.def("hp_contrastive_loss_backward(Tensor grad_loss, Tensor z, Tensor f, Tensor phi_f, "
         "Tensor s, Tensor phi_s, Tensor weight, Tensor lse, float tau, float rho, float lam, "
         "int seed) -> Tensor");
+  // photometric_augment: each crop's colour jitter (factors: brightness, contrast, saturation,
+  // hue shift; order: the four ops' order), grayscale / invert (flags: jitter, gray, invert)
+  // and blur (sigma > 0, kernel_size taps) -> float32 (N, 3, H, W) in [0, 1]. CPU only.
+  m.def("photometric_augment(Tensor crops, Tensor factors, Tensor order, Tensor flags, "
+        "Tensor sigma, int kernel_size) -> Tensor");
   // munkres_assign: Munkres 1.1.4 (same tie-breaking) on a cost matrix -> column of each row.
   m.def("munkres_assign(Tensor cost) -> Tensor");
 }

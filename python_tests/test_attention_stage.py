@@ -5,15 +5,18 @@ import json
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+import lusscore.engine as engine
 
 from lusscore.config import apply_overrides, load_config, with_defaults
 from lusscore.data import ImageNetS, read_label_png
 from lusscore.data.synthetic import SynthConfig, generate_dataset
-from lusscore.engine import Runtime
+from lusscore.engine import Runtime, setup_runtime
 from lusscore.optim import LARS
 from lusscore.losses.pass_loss import pass_losses
 from lusscore.models.pass_models import AttentionModel
-from lusscore.stages.attention import attention_optimizer
+from lusscore.stages.attention import AttentionTrainer, attention_optimizer
 from lusscore.stages.common import StageContext
 from lusscore.stages.sweep_tau import report_attention_foreground
 from lusscore.utils import LusscoreError
@@ -87,3 +90,25 @@ def test_run_reports_attention_foreground(tmp_path):
     assert scores["auc"] > 0.8 and scores["fg_mean"] > scores["bg_mean"]
     saved = json.loads((run / "attention_score.json").read_text())
     assert saved["auc"] == pytest.approx(scores["auc"]) and saved["tau"] == 0.5
+
+
+def test_trainer_runs_the_frozen_backbone_channels_last_on_the_cpu(tmp_path, monkeypatch):
+    """On the CPU the frozen backbone is channels-last and M_A contiguous (faster so); the
+    step's output equals that of the all-contiguous model; the benchmarks' switch turns it off."""
+    image = tmp_path / "a.png"
+    Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(image)
+    cfg = _cfg()
+    torch.manual_seed(0)
+    trainer = AttentionTrainer(cfg, setup_runtime("cpu"), [(image, 0)], None)
+    convs = lambda module: [m.weight for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in convs(trainer.core.backbone))
+    assert all(w.is_contiguous() for w in convs(trainer.core.attention))
+    crops = [torch.rand(2, 3, 48, 48), torch.rand(2, 3, 48, 48)]
+    got = trainer.core.eval()(crops)["embedding"]
+    plain = AttentionModel(cfg).eval()
+    plain.load_state_dict(trainer.core.state_dict())
+    torch.testing.assert_close(got, plain(crops)["embedding"], atol=1e-5, rtol=1e-5)
+    monkeypatch.setattr(engine, "CPU_CHANNELS_LAST", False)
+    torch.manual_seed(0)
+    off = AttentionTrainer(cfg, setup_runtime("cpu"), [(image, 0)], None)
+    assert all(w.is_contiguous() for w in convs(off.core.backbone))

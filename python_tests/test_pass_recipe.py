@@ -222,7 +222,7 @@ def test_shared_attention_is_one_map_for_every_channel(tmp_path):
     assert att.theta.shape == (1,) and att.mlp[-2].out_channels == 1
     z = torch.randn(2, 6, 3, 3)
     pooled, mean = att(z)
-    up, x = att.pixel_features(z)
+    up, x, _ = att.pixel_features(z)
     c = torch.sigmoid(att.mlp(x) + att.theta.view(1, -1, 1, 1))  # (B, 1, H, W)
     torch.testing.assert_close(pooled, (c * x).mean(dim=(2, 3)))
     torch.testing.assert_close(mean, c[:, 0])

@@ -4,9 +4,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from lusscore.data.photometric import (BLUR, BRIGHTNESS, CONTRAST, GRAY, HUE, INVERT, JITTER,
-                                       N_UNIFORMS, ORDER, SATURATION, SIGMA, PhotometricAugment,
-                                       adjust_brightness, adjust_contrast, adjust_hue,
-                                       adjust_saturation, gaussian_blur)
+                                       N_UNIFORMS, ORDER, SATURATION, SIGMA, PhotometricAugment)
+import lusscore.ops as ops
+import lusscore.reference.photometric as ref
+from lusscore.reference.photometric import (adjust_brightness, adjust_contrast, adjust_hue,
+                                            adjust_saturation, gaussian_blur)
 from lusscore.data.views import MultiCropTransform
 
 
@@ -115,3 +117,91 @@ def test_collate_augments_each_crop_as_drawn():
         for i, s in enumerate(samples):
             want = t.photometric.apply(s.crops[k][None], s.photometric[k][None])
             torch.testing.assert_close(batch.images[k][i], ((want - t.mean) / t.std)[0])
+
+
+# ---- The photometric_augment op against its reference.
+
+def op_inputs(n=12, h=17, w=23, dtype=torch.float32, seed=3):
+    """Crops and parameters that take every branch: each op first and last, grey crops,
+    saturated channels, no jitter, gray, invert and blur each on and off."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, h, w, generator=g)
+    x[0] = 0.5
+    x[1, 0] = 1.0
+    x[2, :, :3] = 0.0
+    if dtype == torch.uint8:
+        x = (x * 255).round().to(torch.uint8)
+    factors = torch.cat([0.2 + 1.6 * torch.rand(n, 3, generator=g),
+                         0.4 * torch.rand(n, 1, generator=g) - 0.2], dim=1)
+    factors[3, :3] = 0.0
+    order = torch.stack([torch.randperm(4, generator=g) for _ in range(n)])
+    flags = torch.rand(n, 3, generator=g) < torch.tensor([0.8, 0.3, 0.3])
+    flags[:4, 0] = True
+    flags[4] = torch.tensor([False, True, True])
+    sigma = torch.where(torch.rand(n, generator=g) < 0.5, 0.1 + 1.9 * torch.rand(n, generator=g), 0.0)
+    sigma[5], sigma[6] = 2.0, 0.0
+    return x, factors, order, flags, sigma
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8])
+@pytest.mark.parametrize("h, w, kernel_size", [(17, 23, 13), (48, 48, 13), (8, 9, 5), (1, 1, 1)])
+def test_op_matches_reference(dtype, h, w, kernel_size):
+    args = op_inputs(h=h, w=w, dtype=dtype)
+    got = ops.photometric_augment(*args, kernel_size)
+    want = ref.photometric_augment(*args, kernel_size)
+    assert got.dtype == torch.float32 and got.shape == args[0].shape and got.is_contiguous()
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=0)
+    assert not torch.equal(got, args[0].float() / (255 if dtype == torch.uint8 else 1))
+
+
+@pytest.mark.parametrize("level", ("generic", "avx2", "avx512"))
+def test_op_cpu_isa_levels(monkeypatch, level):
+    """LUSSCORE_PHOTOMETRIC_CPU_KERNEL forces a level (AVX-512 CPUs run the AVX2 code); a
+    level this CPU lacks is an error naming it."""
+    monkeypatch.setenv("LUSSCORE_PHOTOMETRIC_CPU_KERNEL", level)
+    args = op_inputs(seed=9)
+    try:
+        got = ops.photometric_augment(*args, 13)
+    except RuntimeError as e:
+        assert f"LUSSCORE_PHOTOMETRIC_CPU_KERNEL={level}" in str(e)
+        assert level != "generic"
+        return
+    torch.testing.assert_close(got, ref.photometric_augment(*args, 13), atol=2e-5, rtol=0)
+
+
+def test_op_non_contiguous_empty_and_opcheck():
+    x, factors, order, flags, sigma = op_inputs(n=8)
+    wide = torch.rand(8, 3, 17, 46)
+    wide[..., ::2] = x
+    strided = wide[..., ::2]
+    assert not strided.is_contiguous()
+    torch.testing.assert_close(ops.photometric_augment(strided, factors, order, flags, sigma, 13),
+                               ops.photometric_augment(x, factors, order, flags, sigma, 13))
+    empty = ops.photometric_augment(x[:0], factors[:0], order[:0], flags[:0], sigma[:0], 13)
+    assert empty.shape == (0, 3, 17, 23) and empty.dtype == torch.float32
+    torch.library.opcheck(torch.ops.lusscore.photometric_augment.default,
+                          (x, factors, order, flags, sigma, 13))
+
+
+def test_op_reference_mode_runs_the_reference():
+    args = op_inputs(seed=4)
+    with ops.use_reference():
+        got = ops.photometric_augment(*args, 13)
+    assert torch.equal(got, ref.photometric_augment(*args, 13))
+
+
+def test_op_errors_name_the_argument():
+    x, factors, order, flags, sigma = op_inputs(n=8, h=10, w=10)
+    bad_order = order.clone()
+    bad_order[2] = torch.tensor([0, 1, 1, 3])
+    with pytest.raises(RuntimeError, match=r"order\[2\] must be a permutation"):
+        ops.photometric_augment(x, factors, bad_order, flags, sigma, 13)
+    with pytest.raises(RuntimeError, match="factors must be"):
+        ops.photometric_augment(x, factors[:, :3], order, flags, sigma, 13)
+    with pytest.raises(RuntimeError, match="crops must"):
+        ops.photometric_augment(x.double(), factors, order, flags, sigma, 13)
+    with pytest.raises(RuntimeError, match="kernel_size must be odd"):
+        ops.photometric_augment(x, factors, order, flags, sigma, 12)
+    sigma = torch.full((8,), 1.0)
+    with pytest.raises(RuntimeError, match="13-tap blur needs crops over 6 px"):
+        ops.photometric_augment(x[..., :5, :5], factors, order, flags, sigma, 13)

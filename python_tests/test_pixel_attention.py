@@ -51,6 +51,30 @@ def test_matches_unfused_formula(pool_features):
     assert not torch.allclose(m(z, pool_features=other)[0], pooled)
 
 
+@pytest.mark.parametrize("upsample,hidden,shared", [(4, None, False), (2, 5, False), (3, 7, True),
+                                                     (1, 6, False)])
+def test_first_conv_at_map_resolution_matches_the_direct_formula(upsample, hidden, shared):
+    """pixel_features runs M_A's first conv before the upsampling: the logits, and every
+    gradient of a training step, equal those of M_A on the upsampled normalised map."""
+    torch.manual_seed(4)
+    m = PixelAttention(9, hidden=hidden, upsample=upsample, shared=shared).train()
+    z = torch.randn(3, 9, 4, 5, dtype=torch.float64, requires_grad=True)
+    m = m.double()
+    up, x, a = m.pixel_features(z)
+    want_up = F.interpolate(z, scale_factor=upsample, mode="bilinear", align_corners=False)
+    want_a = m.mlp(F.normalize(want_up, dim=1))
+    if shared:
+        want_a = want_a.expand(-1, 9, -1, -1)
+    torch.testing.assert_close(up, want_up)
+    torch.testing.assert_close(x, F.normalize(want_up, dim=1))
+    torch.testing.assert_close(a, want_a)
+    weights = torch.randn_like(a)
+    got = torch.autograd.grad((a * weights).sum(), [z, *m.mlp.parameters()])
+    want = torch.autograd.grad((want_a * weights).sum(), [z, *m.mlp.parameters()])
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
 def test_gradients_reach_mlp_and_theta():
     torch.manual_seed(2)
     m = PixelAttention(8).train()

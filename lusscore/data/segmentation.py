@@ -4,9 +4,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -15,18 +16,20 @@ from lusscore.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_normalized_
 
 
 class LabeledImages(Dataset):
-    """(image, label) pairs; training applies random-resized-crop + flip to both at once.
+    """(image, label) pairs; training takes one random resized crop (scale range, aspect
+    3/4..4/3) of both and mirrors both with p 0.5.
 
-    The label is then resized (nearest) to label_size, as PASS trains on half-resolution
-    labels. Label ids pass through unchanged (ignore = 1000 stays 1000).
+    The image crop is resized to `crop` (bilinear, antialiased), the label's to label_size
+    (nearest), as PASS trains on half-resolution labels: each in one PIL call from the same
+    box. Label ids pass through unchanged (ignore = 1000 stays 1000).
     """
 
     def __init__(self, pairs: list[tuple[str | os.PathLike, str | os.PathLike]], crop: int = 224,
                  label_size: int = 112, scale=(0.08, 1.0), mean=IMAGENET_MEAN, std=IMAGENET_STD):
         self.pairs = [(Path(i), Path(l)) for i, l in pairs]
-        self.joint = v2.Compose([v2.RandomResizedCrop(crop, scale=tuple(scale), antialias=True),
-                                 v2.RandomHorizontalFlip(0.5)])
-        self.label_size, self.mean, self.std = label_size, mean, std
+        self.crop, self.label_size = int(crop), int(label_size)
+        self.scale, self.ratio = [float(v) for v in scale], [3 / 4, 4 / 3]
+        self.mean, self.std = mean, std
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -34,13 +37,17 @@ class LabeledImages(Dataset):
     def __getitem__(self, i: int):
         img_path, lab_path = self.pairs[i]
         img = read_image(img_path)
-        label = read_label_png(lab_path, expected_size=(img.height, img.width))
-        image = tv_tensors.Image(TF.pil_to_tensor(img))
-        mask = tv_tensors.Mask(torch.from_numpy(label))
-        image, mask = self.joint(image, mask)
-        mask = TF.resize(mask[None], [self.label_size, self.label_size],
-                         interpolation=v2.InterpolationMode.NEAREST)[0]
-        return to_normalized_tensor(image.as_subclass(torch.Tensor), self.mean, self.std), mask.long()
+        label = read_label_png(lab_path, dtype=np.int32, expected_size=(img.height, img.width))
+        top, left, height, width = v2.RandomResizedCrop.get_params(img, self.scale, self.ratio)
+        box = (left, top, left + width, top + height)
+        image = img.resize((self.crop, self.crop), Image.BILINEAR, box=box)
+        mask = Image.fromarray(label).resize((self.label_size, self.label_size), Image.NEAREST,
+                                             box=box)
+        if torch.rand(()) < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return (to_normalized_tensor(image, self.mean, self.std),
+                torch.from_numpy(np.asarray(mask, dtype=np.int64)))
 
 
 class InferenceImages(Dataset):

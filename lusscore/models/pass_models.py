@@ -111,7 +111,7 @@ class AttentionModel(nn.Module):
         emb, means = [], []
         for x in groups:
             with torch.no_grad():
-                z = self.backbone(x)["stage4"]
+                z = self.backbone(x)["stage4"].contiguous()  # M_A runs faster contiguous
             pooled, mean = self.attention(z, return_attention=True) if with_attention else (
                 self.attention(z, return_attention=False), None)
             emb.append(F.normalize(self.projection(pooled.float()), dim=1))

@@ -25,6 +25,8 @@ from lusscore.ops.attention_pool import attention_pool
 POOL_FEATURES = ("normalized", "raw")
 
 
+NORMALIZE_EPS = 1e-12  # F.normalize's default
+
 # The CPU route of upsample_bilinear below (a switch for benchmarks to measure it against).
 CPU_UPSAMPLE_VIA_CHANNELS_LAST = True
 
@@ -73,18 +75,23 @@ class PixelAttention(nn.Module):
         return [{"name": "attention_mlp", "params": list(self.mlp.parameters())},
                 {"name": "theta", "params": [self.theta]}]
 
-    def pixel_features(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(upsampled map, its L2-normalised version), both (B, L, up*h, up*w)."""
+    def pixel_features(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(upsampled map, its L2-normalised version x, the logits a = M_A(x) without theta),
+        each (B, L, up*h, up*w); a shared map is repeated over the L channels.
+
+        M_A's first layer, a 1x1 conv without bias, mixes channels pixel by pixel: it
+        commutes with the bilinear upsampling and with the division by each pixel's norm. It
+        therefore runs on the h x w map, up^2 times fewer pixels, and its output is upsampled
+        and divided instead (the same values up to rounding)."""
         if z.dim() != 4 or z.shape[1] != self.channels:
             raise ValueError(f"expected a stage-4 map (B, {self.channels}, h, w), got {tuple(z.shape)}")
         up = z if self.upsample == 1 else upsample_bilinear(z, self.upsample)
-        return up, F.normalize(up, dim=1)
-
-    def attention_logits(self, x: torch.Tensor) -> torch.Tensor:
-        """a = M_A(x) (B, L, H, W) for the normalised map x (without theta); a shared map is
-        repeated over the L channels."""
-        a = self.mlp(x)
-        return a.expand(-1, self.channels, -1, -1) if self.shared else a
+        norm = up.norm(dim=1, keepdim=True).clamp_min(NORMALIZE_EPS)  # as F.normalize
+        first = self.mlp[0](z)
+        if self.upsample > 1:
+            first = upsample_bilinear(first, self.upsample)
+        a = self.mlp[1:](first / norm)
+        return up, up / norm, a.expand(-1, self.channels, -1, -1) if self.shared else a
 
     def forward(self, z: torch.Tensor, return_attention: bool | None = None,
                 pool_features: str | None = None):
@@ -95,8 +102,7 @@ class PixelAttention(nn.Module):
         pool_features = self.pool_features if pool_features is None else pool_features
         if pool_features not in POOL_FEATURES:
             raise ValueError(f"pool_features must be one of {POOL_FEATURES}, got {pool_features!r}")
-        up, x = self.pixel_features(z)
-        a = self.attention_logits(x)
+        up, x, a = self.pixel_features(z)
         feats = x if pool_features == "normalized" else up
         # Under autocast the logits come out in the low-precision dtype: pool in that dtype.
         pooled, mean = attention_pool(feats.to(a.dtype), a, self.channel_theta(), return_attention)

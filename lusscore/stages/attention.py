@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from lusscore.data.views import MultiCropTransform, augment_options
-from lusscore.engine import Runtime, Trainer, make_loader, prepare_model, train_epochs, unwrap
+from lusscore.engine import (Runtime, Trainer, make_loader, prepare_model, to_channels_last_on_cpu,
+                             train_epochs, unwrap)
 from lusscore.losses.pass_loss import N_LARGE, SwAVQueue, pass_losses, queue_length, queue_state
 from lusscore.models.pass_models import AttentionModel, read_pretrain
 from lusscore.ops.switch import ops_from_config
@@ -78,6 +79,7 @@ class AttentionTrainer(Trainer):
             core.load_pretrain(pretrain_state)
         self.model = prepare_model(core, rt)
         self.core = unwrap(self.model)
+        to_channels_last_on_cpu(self.core.backbone, rt)
         self.optimizer = attention_optimizer([p for p in core.parameters() if p.requires_grad], acfg)
         self.epochs = int(acfg["epochs"])
         self.lrs = cosine_schedule(acfg["base_lr"], acfg["final_lr"], self.epochs * len(self.loader))

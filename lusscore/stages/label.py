@@ -107,8 +107,7 @@ def label_batch(backbone, attention, centroids: torch.Tensor, images: torch.Tens
     device = images.device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
         z = backbone(images)
-        _, x = attention.pixel_features(z.float())
-        a = attention.attention_logits(x)
+        _, x, a = attention.pixel_features(z.float())
     x = x.float()
     _, mean = attention_pool(x, a.float(), attention.channel_theta().float(), True)
     cent = F.normalize(centroids.to(device=device, dtype=torch.float32), dim=1)
