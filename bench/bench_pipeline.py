@@ -243,6 +243,7 @@ def bench_loading(cfg: dict, repeat: int) -> list[dict]:
         return collate_multicrop(samples)
 
     images = random_images(pcfg["batch_size"], max(crops["sizes"]))
+
     def batched():
         return transform.collate([transform(im) for im in images])
 

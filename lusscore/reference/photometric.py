@@ -82,6 +82,7 @@ def _apply_where(x: torch.Tensor, mask: torch.Tensor, fn) -> None:
 
 def photometric_augment(crops: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
                         flags: torch.Tensor, sigma: torch.Tensor, kernel_size: int) -> torch.Tensor:
+    """lusscore.ops.photometric_augment: each operation on the crops that draw it, batched."""
     x = crops.float() / 255.0 if crops.dtype == torch.uint8 else crops.float().clone()
     jitter, gray, invert = flags.unbind(1)
     for slot in range(len(JITTER_OPS)):
