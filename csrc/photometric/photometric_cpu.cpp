@@ -31,107 +31,120 @@ inline float clamp01(float v) { return std::min(std::max(v, 0.f), 1.f); }
 // torch.remainder for b > 0: the result in [0, b).
 inline float remainder(float a, float b) { return a - b * std::floor(a / b); }
 
-// The body of one crop, compiled once per ISA level (the loops are written to vectorise).
-#define LUSSCORE_AUGMENT_CROP(NAME, ATTR)                                                         \
-  ATTR void NAME(float* x, int64_t h, int64_t w, const CropParams& p, int64_t kernel_size,      \
-                 std::vector<float>& scratch) {                                                   \
-    const int64_t hw = h * w;                                                                     \
-    float* r = x;                                                                                 \
-    float* g = x + hw;                                                                            \
-    float* b = x + 2 * hw;                                                                        \
-    if (p.jitter) {                                                                               \
-      for (int s = 0; s < 4; ++s) {                                                               \
-        const int64_t op = p.order[s];                                                            \
-        const float f = p.factor[op];                                                             \
-        if (op == kBrightness) {                                                                  \
-          for (int64_t i = 0; i < 3 * hw; ++i) x[i] = clamp01(x[i] * f);                          \
-        } else if (op == kContrast) {                                                             \
-          double sum = 0;                                                                         \
-          for (int64_t i = 0; i < hw; ++i) sum += luma(r[i], g[i], b[i]);                         \
-          const float mean = static_cast<float>(sum / static_cast<double>(hw));                  \
-          const float other = (1.f - f) * mean;                                                   \
-          for (int64_t i = 0; i < 3 * hw; ++i) x[i] = clamp01(f * x[i] + other);                  \
-        } else if (op == kSaturation) {                                                           \
-          const float keep = 1.f - f;                                                             \
-          for (int64_t i = 0; i < hw; ++i) {                                                      \
-            const float other = keep * luma(r[i], g[i], b[i]);                                    \
-            r[i] = clamp01(f * r[i] + other);                                                     \
-            g[i] = clamp01(f * g[i] + other);                                                     \
-            b[i] = clamp01(f * b[i] + other);                                                     \
-          }                                                                                       \
-        } else {                                                                                  \
-          for (int64_t i = 0; i < hw; ++i) {                                                      \
-            const float rv = r[i], gv = g[i], bv = b[i];                                          \
-            const float maxc = std::max(std::max(rv, gv), bv);                                    \
-            const float minc = std::min(std::min(rv, gv), bv);                                    \
-            const float chroma = maxc - minc;                                                     \
-            const float sat = chroma / (maxc == 0.f ? 1.f : maxc);                                \
-            const float c = chroma == 0.f ? 1.f : chroma;                                         \
-            const float rc = (maxc - rv) / c, gc = (maxc - gv) / c, bc = (maxc - bv) / c;         \
-            const float hue6 = maxc == rv ? bc - gc : (maxc == gv ? 2.f + rc - bc : 4.f + gc - rc); \
-            const float h6 = remainder(hue6 / 6.f + f, 1.f) * 6.f;                                \
-            const float vs = maxc * sat;                                                          \
-            const float kr = remainder(h6 + 5.f, 6.f), kg = remainder(h6 + 3.f, 6.f),             \
-                        kb = remainder(h6 + 1.f, 6.f);                                            \
-            r[i] = maxc - vs * clamp01(std::min(kr, 4.f - kr));                                   \
-            g[i] = maxc - vs * clamp01(std::min(kg, 4.f - kg));                                   \
-            b[i] = maxc - vs * clamp01(std::min(kb, 4.f - kb));                                   \
-          }                                                                                       \
-        }                                                                                         \
-      }                                                                                           \
-    }                                                                                             \
-    if (p.gray) {                                                                                 \
-      for (int64_t i = 0; i < hw; ++i) r[i] = g[i] = b[i] = luma(r[i], g[i], b[i]);               \
-    }                                                                                             \
-    if (p.invert) {                                                                               \
-      for (int64_t i = 0; i < 3 * hw; ++i) x[i] = 1.f - x[i];                                     \
-    }                                                                                             \
-    if (p.sigma > 0) {                                                                            \
-      /* Separable, reflect padding: along each row, then along each column. */                   \
-      const int64_t half = kernel_size / 2;                                                       \
-      float taps[kMaxTaps];                                                                       \
-      float total = 0;                                                                            \
-      for (int64_t t = 0; t < kernel_size; ++t) {                                                 \
-        const float u = static_cast<float>(t - half) / p.sigma;                                   \
-        taps[t] = std::exp(-0.5f * u * u);                                                        \
-        total += taps[t];                                                                         \
-      }                                                                                           \
-      for (int64_t t = 0; t < kernel_size; ++t) taps[t] /= total;                                 \
-      scratch.resize(static_cast<size_t>(hw + w + 2 * half));                                     \
-      float* rows = scratch.data();                                                               \
-      float* line = rows + hw;                                                                    \
-      for (int64_t ch = 0; ch < 3; ++ch) {                                                        \
-        float* plane = x + ch * hw;                                                               \
-        for (int64_t y = 0; y < h; ++y) {                                                         \
-          const float* src = plane + y * w;                                                       \
-          for (int64_t i = 0; i < half; ++i) {                                                    \
-            line[half - 1 - i] = src[i + 1];                                                      \
-            line[half + w + i] = src[w - 2 - i];                                                  \
-          }                                                                                       \
-          std::copy(src, src + w, line + half);                                                   \
-          float* dst = rows + y * w;                                                              \
-          std::fill(dst, dst + w, 0.f);                                                           \
-          for (int64_t t = 0; t < kernel_size; ++t) {                                             \
-            for (int64_t i = 0; i < w; ++i) dst[i] += taps[t] * line[i + t];                      \
-          }                                                                                       \
-        }                                                                                         \
-        for (int64_t y = 0; y < h; ++y) {                                                         \
-          float* dst = plane + y * w;                                                             \
-          std::fill(dst, dst + w, 0.f);                                                           \
-          for (int64_t t = 0; t < kernel_size; ++t) {                                             \
-            int64_t yy = y + t - half;                                                            \
-            yy = yy < 0 ? -yy : (yy >= h ? 2 * (h - 1) - yy : yy);                                \
-            const float* src = rows + yy * w;                                                     \
-            for (int64_t i = 0; i < w; ++i) dst[i] += taps[t] * src[i];                           \
-          }                                                                                       \
-        }                                                                                         \
-      }                                                                                           \
-    }                                                                                             \
-  }
+#if defined(__GNUC__)
+#define LUSSCORE_ALWAYS_INLINE inline __attribute__((always_inline))
+#else
+#define LUSSCORE_ALWAYS_INLINE inline
+#endif
 
-LUSSCORE_AUGMENT_CROP(augment_crop_generic, )
+// One crop in place: x holds its three planes. Inlined into one function per ISA level, whose
+// target the loops vectorise for.
+LUSSCORE_ALWAYS_INLINE void augment_crop_body(float* x, int64_t h, int64_t w, const CropParams& p,
+                                              int64_t kernel_size, std::vector<float>& scratch) {
+  const int64_t hw = h * w;
+  float* r = x;
+  float* g = x + hw;
+  float* b = x + 2 * hw;
+  if (p.jitter) {
+    for (int s = 0; s < 4; ++s) {
+      const int64_t op = p.order[s];
+      const float f = p.factor[op];
+      if (op == kBrightness) {
+        for (int64_t i = 0; i < 3 * hw; ++i) x[i] = clamp01(x[i] * f);
+      } else if (op == kContrast) {
+        double sum = 0;
+        for (int64_t i = 0; i < hw; ++i) sum += luma(r[i], g[i], b[i]);
+        const float mean = static_cast<float>(sum / static_cast<double>(hw));
+        const float other = (1.f - f) * mean;
+        for (int64_t i = 0; i < 3 * hw; ++i) x[i] = clamp01(f * x[i] + other);
+      } else if (op == kSaturation) {
+        const float keep = 1.f - f;
+        for (int64_t i = 0; i < hw; ++i) {
+          const float other = keep * luma(r[i], g[i], b[i]);
+          r[i] = clamp01(f * r[i] + other);
+          g[i] = clamp01(f * g[i] + other);
+          b[i] = clamp01(f * b[i] + other);
+        }
+      } else {
+        for (int64_t i = 0; i < hw; ++i) {
+          const float rv = r[i], gv = g[i], bv = b[i];
+          const float maxc = std::max(std::max(rv, gv), bv);
+          const float minc = std::min(std::min(rv, gv), bv);
+          const float chroma = maxc - minc;
+          const float sat = chroma / (maxc == 0.f ? 1.f : maxc);
+          const float c = chroma == 0.f ? 1.f : chroma;
+          const float rc = (maxc - rv) / c, gc = (maxc - gv) / c, bc = (maxc - bv) / c;
+          const float hue6 = maxc == rv ? bc - gc : (maxc == gv ? 2.f + rc - bc : 4.f + gc - rc);
+          const float h6 = remainder(hue6 / 6.f + f, 1.f) * 6.f;
+          const float vs = maxc * sat;
+          const float kr = remainder(h6 + 5.f, 6.f), kg = remainder(h6 + 3.f, 6.f),
+                      kb = remainder(h6 + 1.f, 6.f);
+          r[i] = maxc - vs * clamp01(std::min(kr, 4.f - kr));
+          g[i] = maxc - vs * clamp01(std::min(kg, 4.f - kg));
+          b[i] = maxc - vs * clamp01(std::min(kb, 4.f - kb));
+        }
+      }
+    }
+  }
+  if (p.gray) {
+    for (int64_t i = 0; i < hw; ++i) r[i] = g[i] = b[i] = luma(r[i], g[i], b[i]);
+  }
+  if (p.invert) {
+    for (int64_t i = 0; i < 3 * hw; ++i) x[i] = 1.f - x[i];
+  }
+  if (p.sigma > 0) {
+    // Separable, reflect padding: along each row, then along each column.
+    const int64_t half = kernel_size / 2;
+    float taps[kMaxTaps];
+    float total = 0;
+    for (int64_t t = 0; t < kernel_size; ++t) {
+      const float u = static_cast<float>(t - half) / p.sigma;
+      taps[t] = std::exp(-0.5f * u * u);
+      total += taps[t];
+    }
+    for (int64_t t = 0; t < kernel_size; ++t) taps[t] /= total;
+    scratch.resize(static_cast<size_t>(hw + w + 2 * half));
+    float* rows = scratch.data();
+    float* line = rows + hw;
+    for (int64_t ch = 0; ch < 3; ++ch) {
+      float* plane = x + ch * hw;
+      for (int64_t y = 0; y < h; ++y) {
+        const float* src = plane + y * w;
+        for (int64_t i = 0; i < half; ++i) {
+          line[half - 1 - i] = src[i + 1];
+          line[half + w + i] = src[w - 2 - i];
+        }
+        std::copy(src, src + w, line + half);
+        float* dst = rows + y * w;
+        std::fill(dst, dst + w, 0.f);
+        for (int64_t t = 0; t < kernel_size; ++t) {
+          for (int64_t i = 0; i < w; ++i) dst[i] += taps[t] * line[i + t];
+        }
+      }
+      for (int64_t y = 0; y < h; ++y) {
+        float* dst = plane + y * w;
+        std::fill(dst, dst + w, 0.f);
+        for (int64_t t = 0; t < kernel_size; ++t) {
+          int64_t yy = y + t - half;
+          yy = yy < 0 ? -yy : (yy >= h ? 2 * (h - 1) - yy : yy);
+          const float* src = rows + yy * w;
+          for (int64_t i = 0; i < w; ++i) dst[i] += taps[t] * src[i];
+        }
+      }
+    }
+  }
+}
+
+void augment_crop_generic(float* x, int64_t h, int64_t w, const CropParams& p,
+                          int64_t kernel_size, std::vector<float>& scratch) {
+  augment_crop_body(x, h, w, p, kernel_size, scratch);
+}
 #if LUSSCORE_X86_TARGETS
-LUSSCORE_AUGMENT_CROP(augment_crop_avx2, __attribute__((target("arch=x86-64-v3"))))
+__attribute__((target("arch=x86-64-v3"))) void augment_crop_avx2(
+    float* x, int64_t h, int64_t w, const CropParams& p, int64_t kernel_size,
+    std::vector<float>& scratch) {
+  augment_crop_body(x, h, w, p, kernel_size, scratch);
+}
 #endif
 
 using AugmentCropFn = void (*)(float*, int64_t, int64_t, const CropParams&, int64_t,
