@@ -8,7 +8,6 @@ import torch
 from PIL import Image
 
 import lusscore.engine as engine
-
 from lusscore.config import apply_overrides, load_config, with_defaults
 from lusscore.data import ImageNetS, read_label_png
 from lusscore.data.synthetic import SynthConfig, generate_dataset
@@ -94,7 +93,7 @@ def test_run_reports_attention_foreground(tmp_path):
 
 def test_trainer_runs_the_frozen_backbone_channels_last_on_the_cpu(tmp_path, monkeypatch):
     """On the CPU the frozen backbone is channels-last and M_A contiguous (faster so); the
-    step's output equals that of the all-contiguous model; the benchmarks' switch turns it off."""
+    embeddings equal those of the all-contiguous model; the benchmarks' switch turns it off."""
     image = tmp_path / "a.png"
     Image.fromarray((np.random.default_rng(0).random((40, 40, 3)) * 255).astype(np.uint8)).save(image)
     cfg = _cfg()
